@@ -1,0 +1,153 @@
+"""The backend interface: declared limits at the top, ``why_not(spec, caps)``, ``run(call, spec, config)``.
+
+Each backend file reads the same way, so two backends can be compared side by side.  The generic
+limits (devices, dtypes, head dims, dropout, lse, backward) are class attributes; ``why_not`` turns them
+into sentences and each backend appends its own in ``_why_not``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..capabilities import DeviceCaps
+from ..spec import AttentionSpec
+
+
+class Reason(str):
+    """A reason a backend cannot run a call: a sentence (the str itself) with a stable machine ``code``.
+
+    >>> r = Reason("head_dim_too_large", "head_dim 320 exceeds 256, the flash-attn 2.6.3 limit")
+    >>> r.code, str(r)
+    ('head_dim_too_large', 'head_dim 320 exceeds 256, the flash-attn 2.6.3 limit')
+    """
+
+    code: str
+
+    def __new__(cls, code: str, message: str) -> Reason:
+        obj = super().__new__(cls, message)
+        obj.code = code
+        return obj
+
+    def __reduce__(self):
+        return (Reason, (self.code, str(self)))
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": str(self)}
+
+
+def _dtype_names(dtypes) -> str:
+    return "{" + ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) + "}"
+
+
+@dataclass
+class AttentionCall:
+    """The tensors and callables of one call, normalised (``scale`` resolved, mods bound to lengths).
+
+    Tensors keep the user's layout; ``bhsd(t)`` gives a (B, H, S, D) view without copying.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None
+    mask_mod: Callable | None
+    score_mod: Callable | None
+    scale: float
+    dropout_p: float
+    is_causal: bool
+    enable_gqa: bool
+    return_lse: bool
+    layout: str
+
+    def bhsd(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.layout == "bhsd" else t.transpose(1, 2)
+
+    def from_bhsd(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.layout == "bhsd" else out.transpose(1, 2)
+
+
+class Backend:
+    """Base of every backend.  Subclasses set the limits below and implement ``_why_not`` and ``run``."""
+
+    name: ClassVar[str]
+    #: Vendors ("cpu", "cuda", "rocm", ...) the backend can run on at all.
+    SUPPORTED_VENDORS: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "rocm"})
+    SUPPORTED_DTYPES: ClassVar[frozenset[torch.dtype]] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    #: Largest head dim (QK and V) or None for no limit; the source of the number goes in a comment.
+    MAX_HEAD_DIM: ClassVar[int | None] = None
+    SUPPORTS_DROPOUT: ClassVar[bool] = True
+    SUPPORTS_LSE: ClassVar[bool] = True
+    SUPPORTS_BACKWARD: ClassVar[bool] = True
+    SUPPORTS_DV_NE_D: ClassVar[bool] = True
+    #: Tunable backends return a tile config from ``tile_config``.
+    TUNABLE: ClassVar[bool] = False
+
+    def library_label(self, caps: DeviceCaps) -> str:
+        """How reasons name the backend's library, with its version ("flash-attn 2.6.3")."""
+        return self.name
+
+    def why_not(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        """Every reason this backend cannot run ``spec`` on ``caps``; ``[]`` means it can."""
+        reasons = self._generic_reasons(spec, caps)
+        if not any(r.code in ("not_installed", "device_unsupported") for r in reasons):
+            reasons.extend(self._why_not(spec, caps))
+        return reasons
+
+    def _generic_reasons(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        label = self.library_label(caps)
+        reasons: list[Reason] = []
+        if caps.vendor not in self.SUPPORTED_VENDORS:
+            reasons.append(Reason(
+                "device_unsupported",
+                f"runs on {_vendor_list(self.SUPPORTED_VENDORS)}, the tensors are on {caps.describe()}",
+            ))
+            return reasons
+        if spec.dtype not in self.SUPPORTED_DTYPES:
+            reasons.append(Reason(
+                "dtype_unsupported",
+                f"dtype={str(spec.dtype).removeprefix('torch.')} (supported by {label}: "
+                f"{_dtype_names(self.SUPPORTED_DTYPES)})",
+            ))
+        limit = self.MAX_HEAD_DIM
+        if limit is not None and max(spec.head_dim, spec.head_dim_v) > limit:
+            reasons.append(Reason(
+                "head_dim_too_large",
+                f"head_dim {max(spec.head_dim, spec.head_dim_v)} exceeds {limit}, the {label} limit",
+            ))
+        if spec.head_dim != spec.head_dim_v and not self.SUPPORTS_DV_NE_D:
+            reasons.append(Reason(
+                "dv_ne_d", f"value head dim {spec.head_dim_v} differs from query/key head dim {spec.head_dim}, "
+                f"which {label} does not support",
+            ))
+        if spec.dropout_p > 0 and not self.SUPPORTS_DROPOUT:
+            reasons.append(Reason("dropout_unsupported", f"dropout_p={spec.dropout_p} but {label} has no dropout"))
+        if spec.return_lse and not self.SUPPORTS_LSE:
+            reasons.append(Reason("lse_unsupported", f"return_lse=True but {label} does not return the lse"))
+        if spec.requires_grad and not self.SUPPORTS_BACKWARD:
+            reasons.append(Reason("no_backward", f"inputs require grad but {label} has no backward here"))
+        return reasons
+
+    def _why_not(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        return []
+
+    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps) -> tuple[Any, str] | None:
+        """(config, where it came from) for tunable backends; None otherwise."""
+        return None
+
+    def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
+        """Facts worth saying about a chosen backend (first-call compile cost, bytes of a dense mask...)."""
+        return []
+
+    def run(self, call: AttentionCall, spec: AttentionSpec, config: Any = None):
+        """Compute the attention: returns ``(out, lse)`` with ``out`` in the call's layout and ``lse``
+        (B, Hq, Sq) float32 natural log when ``call.return_lse``, else None."""
+        raise NotImplementedError
+
+
+def _vendor_list(vendors) -> str:
+    names = {"cpu": "CPU", "cuda": "NVIDIA CUDA", "rocm": "AMD ROCm", "mps": "Apple MPS", "xpu": "Intel XPU"}
+    return " / ".join(names.get(v, v) for v in sorted(vendors))

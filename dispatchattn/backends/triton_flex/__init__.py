@@ -1,0 +1,1 @@
+"""The in-house Triton flex kernel (backend name "triton_flex")."""

@@ -1,0 +1,68 @@
+"""Every environment variable dispatchattn reads, read here and nowhere else.
+
+Values are read with ``os.environ.get`` on each call (cheap, and dynamo guards ``os.environ``),
+so tests and users can change them at run time.
+"""
+
+from __future__ import annotations
+
+import os
+
+EXPLAIN = "DISPATCHATTN_EXPLAIN"
+BACKEND = "DISPATCHATTN_BACKEND"
+CACHE_DIR = "DISPATCHATTN_CACHE_DIR"
+AUTOTUNE = "DISPATCHATTN_AUTOTUNE"
+REQUIRE_GPU = "DISPATCHATTN_REQUIRE_GPU"
+DENSE_MASK_BUDGET = "DISPATCHATTN_DENSE_MASK_BUDGET_MB"
+TRITON_INTERPRET = "TRITON_INTERPRET"
+FLASH_TRITON_AMD = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def explain_level() -> int:
+    """0: silent, 1: log each distinct decision once, 2: log every call."""
+    raw = os.environ.get(EXPLAIN, "").strip()
+    if not raw:
+        return 0
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        return 1 if _truthy(raw) else 0
+
+
+def backend_allowlist() -> tuple[str, ...] | None:
+    """``DISPATCHATTN_BACKEND=triton_flex,sdpa`` -> ("triton_flex", "sdpa"); unset -> None."""
+    raw = os.environ.get(BACKEND, "").strip()
+    if not raw:
+        return None
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+
+def cache_dir() -> str | None:
+    return os.environ.get(CACHE_DIR) or None
+
+
+def autotune_on_miss() -> bool:
+    return _truthy(os.environ.get(AUTOTUNE))
+
+
+def require_gpu() -> bool:
+    return _truthy(os.environ.get(REQUIRE_GPU))
+
+
+def triton_interpret() -> bool:
+    return _truthy(os.environ.get(TRITON_INTERPRET))
+
+
+def flash_triton_amd() -> bool:
+    return (os.environ.get(FLASH_TRITON_AMD, "") or "").strip().upper() == "TRUE"
+
+
+def dense_mask_budget_bytes() -> int:
+    """Largest dense (B, H, Sq, Sk) mask the sdpa backend may build for a structured mask."""
+    raw = os.environ.get(DENSE_MASK_BUDGET, "").strip()
+    megabytes = float(raw) if raw else 256.0
+    return int(megabytes * 2**20)
