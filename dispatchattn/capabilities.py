@@ -124,6 +124,8 @@ class DeviceCaps:
         return self.vendor in ("cuda", "rocm")
 
     def describe(self) -> str:
+        if self.vendor == "cpu":
+            return "cpu"
         where = self.vendor if not self.arch else f"{self.vendor} {self.arch}"
         return f"{where} ({self.device_name})"
 

@@ -1,0 +1,124 @@
+"""The universal call: ``attention()`` and ``explain()``.  spec -> select -> run, with a warm fast path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import capabilities, envs, explain as _explain
+from .backends import get_backend
+from .backends.base import AttentionCall
+from .selector import Decision, current_policy, select, select_cached
+from .spec import AttentionSpec, build_spec
+
+# Warm-call memo: call signature (metadata only) -> (spec, decision).  Bounded; cleared when full.
+_MEMO: dict[tuple, tuple[AttentionSpec, Decision]] = {}
+_MEMO_LIMIT = 4096
+
+
+def _tensor_sig(t):
+    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
+               layout, return_lse, backend):
+    return (
+        _tensor_sig(query), _tensor_sig(key), _tensor_sig(value), _tensor_sig(attn_mask), dropout_p, is_causal,
+        scale, enable_gqa, score_mod, mask_mod, layout, return_lse, backend, torch.is_grad_enabled(),
+        current_policy(backend), tuple(capabilities._override),
+    )
+
+
+def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod, layout,
+            return_lse, backend, compiling: bool) -> tuple[AttentionSpec, Decision, bool]:
+    spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
+                      mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=not compiling)
+    caps = capabilities.probe(query.device)
+    policy = current_policy(backend)
+    decision = select(spec, caps, policy) if compiling else select_cached(spec, caps, policy)
+    return spec, decision
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    layout: str = "bhsd",
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Scaled dot-product attention on the fastest correct kernel for this device and problem.
+
+    A drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention`` that also takes
+    FlexAttention's ``score_mod`` / ``mask_mod`` (or ``da.masks`` / ``da.scores`` objects), a ``bshd``
+    layout, ``return_lse`` and a forced ``backend``.
+
+    >>> import torch, dispatchattn as da
+    >>> q = k = v = torch.randn(1, 2, 16, 32)
+    >>> da.attention(q, k, v, mask_mod=da.masks.causal()).shape
+    torch.Size([1, 2, 16, 32])
+    """
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                                 mask_mod, layout, return_lse, backend, True)
+        fresh = True
+    else:
+        sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                         mask_mod, layout, return_lse, backend)
+        entry = _MEMO.get(sig)
+        fresh = entry is None
+        if fresh:
+            entry = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                            mask_mod, layout, return_lse, backend, False)
+            if len(_MEMO) >= _MEMO_LIMIT:
+                _MEMO.clear()
+            _MEMO[sig] = entry
+        spec, decision = entry
+    level = envs.explain_level()
+    if level and (fresh or level >= 2):
+        _explain.report(str(decision), level)
+    call = AttentionCall(
+        query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=spec.mask, score_mod=spec.score,
+        scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
+        is_causal=is_causal, enable_gqa=enable_gqa, return_lse=return_lse, layout=layout,
+    )
+    out, lse = get_backend(decision.backend).run(call, spec, decision.config)
+    return (out, lse) if return_lse else out
+
+
+def explain(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    layout: str = "bhsd",
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> Decision:
+    """Decide without running: which backend ``attention`` would use for these arguments, and why.
+
+    >>> import torch, dispatchattn as da
+    >>> q = k = v = torch.randn(1, 2, 16, 32)
+    >>> da.explain(q, k, v, is_causal=True).backend
+    'sdpa'
+    """
+    spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                             mask_mod, layout, return_lse, backend, False)
+    return decision

@@ -1,0 +1,145 @@
+"""``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks flash / efficient /
+cuDNN / math inside).
+
+Structured masks become SDPA arguments: top-left causal -> ``is_causal``; anything else -> a dense mask,
+built only under a memory budget (``DISPATCHATTN_DENSE_MASK_BUDGET_MB``, default 256) that the
+explanation states in bytes.  Additive scores (ALiBi, relative bias) become a dense float bias the same
+way; non-additive ones (softcap, arbitrary score_mods) are refused.  Rows whose every key is masked are
+set to zeros (SDPA's kernels may return NaN or an average there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import envs
+from ..masks import Causal, Document, MaskMod
+from ..scores import Alibi, RelativeBias, ScoreMod
+from .base import AttentionCall, Backend, Reason
+
+ADDITIVE_SCORES = (Alibi, RelativeBias)
+
+
+def _dense_mask_shape(spec) -> tuple[int, int, int, int]:
+    """Shape of the dense mask/bias SDPA needs for this spec's mods (1 where it broadcasts)."""
+    b = h = 1
+    mask = spec.mask
+    if mask is not None:
+        if not isinstance(mask, MaskMod):
+            b, h = spec.batch, spec.heads_q  # an opaque mask_mod may depend on both
+        elif any(isinstance(p, Document) and p.document_ids.dim() == 2 for p in _leaves(mask)):
+            b = spec.batch
+    if spec.score is not None:
+        h = spec.heads_q
+    return (b, h, spec.seq_q, spec.seq_kv)
+
+
+def _leaves(mask: MaskMod) -> list[MaskMod]:
+    return mask.parts() if hasattr(mask, "parts") else [mask]
+
+
+def _needs_dense(spec) -> bool:
+    mask = spec.mask
+    plain_causal = isinstance(mask, Causal) and mask.offset == 0 and spec.attn_mask is None and not spec.is_causal
+    return spec.score is not None or (mask is not None and not plain_causal)
+
+
+def dense_bytes(spec) -> int:
+    b, h, sq, sk = _dense_mask_shape(spec)
+    element = spec.dtype.itemsize if spec.score is not None else 1
+    return b * h * sq * sk * element
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+    SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm", "mps", "xpu"})
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    SUPPORTS_LSE = False  # F.scaled_dot_product_attention returns only the output
+
+    def library_label(self, caps) -> str:
+        return f"torch {caps.libraries.torch} SDPA"
+
+    def _why_not(self, spec, caps):
+        reasons = []
+        score = spec.score
+        if score is not None and not isinstance(score, ADDITIVE_SCORES):
+            what = score.__name__ if isinstance(score, ScoreMod) else "an arbitrary score_mod"
+            reasons.append(Reason(
+                "score_mod_unsupported",
+                f"{what} is not an additive bias, so it cannot be passed to SDPA as a mask",
+            ))
+        if _needs_dense(spec):
+            need, budget = dense_bytes(spec), envs.dense_mask_budget_bytes()
+            if need > budget:
+                reasons.append(Reason(
+                    "dense_mask_too_large",
+                    f"would build a dense {list(_dense_mask_shape(spec))} mask of {need / 2**20:,.1f} MiB, above "
+                    f"the {budget / 2**20:,.0f} MiB budget (DISPATCHATTN_DENSE_MASK_BUDGET_MB)",
+                ))
+        if spec.mods_need_grad:
+            reasons.append(Reason(
+                "mod_grad_unsupported", "a score_mod's captured tensor requires grad; SDPA's mask gets no gradient"
+            ))
+        return reasons
+
+    def notes(self, spec, caps):
+        if _needs_dense(spec):
+            shape = list(_dense_mask_shape(spec))
+            return [f"builds a dense {shape} mask/bias ({dense_bytes(spec) / 2**20:,.2f} MiB) from the mask/score mods"]
+        return []
+
+    def run(self, call: AttentionCall, spec, config=None):
+        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        is_causal = call.is_causal
+        attn_mask = call.attn_mask
+        if _needs_dense(spec) or (is_causal and attn_mask is not None):
+            attn_mask = _build_dense(call, spec, q.device, q.dtype)
+            is_causal = False
+        elif isinstance(call.mask_mod, Causal):
+            is_causal = True
+        kwargs = {"enable_gqa": True} if spec.heads_q != spec.heads_kv else {}
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p, is_causal=is_causal, scale=call.scale, **kwargs
+        )
+        if attn_mask is not None:
+            out = _zero_empty_rows(out, attn_mask)
+        return call.from_bhsd(out), None
+
+
+def _build_dense(call: AttentionCall, spec, device, dtype) -> torch.Tensor:
+    """One mask for SDPA: bool when only masks are involved, additive float when a score bias is."""
+    b_dim, h_dim, seq_q, seq_kv = _dense_mask_shape(spec)
+    b = torch.arange(b_dim, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(h_dim, device=device).view(1, -1, 1, 1)
+    q_idx = torch.arange(seq_q, device=device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(seq_kv, device=device).view(1, 1, 1, -1)
+    keep = None
+    if call.mask_mod is not None:
+        keep = call.mask_mod(b, h, q_idx, kv_idx)
+    if call.is_causal:
+        causal = q_idx >= kv_idx
+        keep = causal if keep is None else keep & causal
+    user = call.attn_mask
+    if user is not None and user.dtype == torch.bool:
+        keep = user if keep is None else keep & user
+    bias = None
+    if call.score_mod is not None:
+        zero = torch.zeros((), device=device, dtype=torch.float32)
+        bias = call.score_mod(zero, b, h, q_idx, kv_idx).to(dtype)
+    if user is not None and user.dtype != torch.bool:
+        bias = user if bias is None else bias + user
+    if bias is None:
+        return keep
+    if keep is not None:
+        bias = bias.masked_fill(~keep, float("-inf"))
+    return bias
+
+
+def _zero_empty_rows(out: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Rows whose every key is masked: zeros (the contract), whatever the SDPA kernel returned."""
+    if attn_mask.dtype == torch.bool:
+        has_key = attn_mask.any(dim=-1, keepdim=True)
+    else:
+        has_key = (attn_mask != float("-inf")).any(dim=-1, keepdim=True)
+    return out.masked_fill(~has_key, 0.0)

@@ -1,0 +1,128 @@
+"""``torch_flex``: ``torch.nn.attention.flex_attention``, compiled, with block masks built once per
+(mask, shape) and cached.
+
+Takes any mask_mod/score_mod.  On CPU it has no backward (torch raises NotImplementedError), so calls
+that need gradients are refused there.  Its first call per shape compiles (tens of seconds on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+
+import torch
+
+from ..masks import Causal, Document, MaskMod
+from .base import AttentionCall, Backend, Reason
+
+_BLOCK_MASKS: OrderedDict = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 64
+MIN_HEAD_DIM = 16  # FlexAttention rejects head dims below 16 (torch/_inductor/kernel/flex)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_batch_heads(mask, spec) -> tuple[int | None, int | None]:
+    """B and H the block mask must be built for (None = broadcast: the mask ignores that index)."""
+    if not isinstance(mask, MaskMod):
+        return spec.batch, spec.heads_q
+    leaves = mask.parts() if hasattr(mask, "parts") else [mask]
+    batched = any(isinstance(p, Document) and p.document_ids.dim() == 2 for p in leaves)
+    return (spec.batch if batched else None), None
+
+
+def _block_mask(mask_mod, spec, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, heads = _mask_batch_heads(mask_mod, spec)
+    key = (mask_mod, batch, heads, spec.seq_q, spec.seq_kv, str(device))
+    cached = _BLOCK_MASKS.get(key)
+    if cached is not None:
+        _BLOCK_MASKS.move_to_end(key)
+        return cached
+    block_mask = create_block_mask(mask_mod, batch, heads, spec.seq_q, spec.seq_kv, device=device)
+    _BLOCK_MASKS[key] = block_mask
+    if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return block_mask
+
+
+def _dense_mask_mods(attn_mask: torch.Tensor):
+    """A dense SDPA-style mask as mods that index it (broadcast dims are read at index 0)."""
+    mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    b_bcast, h_bcast, q_bcast, k_bcast = (s == 1 for s in mask4.shape)
+
+    def at(b, h, q_idx, kv_idx):
+        return mask4[
+            b * 0 if b_bcast else b, h * 0 if h_bcast else h, q_idx * 0 if q_bcast else q_idx,
+            kv_idx * 0 if k_bcast else kv_idx,
+        ]
+
+    if attn_mask.dtype == torch.bool:
+        return (lambda b, h, q_idx, kv_idx: at(b, h, q_idx, kv_idx)), None
+    return None, (lambda score, b, h, q_idx, kv_idx: score + at(b, h, q_idx, kv_idx).to(score.dtype))
+
+
+def _and(first, second):
+    if first is None or second is None:
+        return first or second
+    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
+
+
+def _then(first, second):
+    if first is None or second is None:
+        return first or second
+    return lambda score, b, h, q_idx, kv_idx: second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+
+class TorchFlexBackend(Backend):
+    name = "torch_flex"
+    SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm", "xpu"})
+    SUPPORTS_DROPOUT = False
+
+    def library_label(self, caps) -> str:
+        return f"torch {caps.libraries.torch} flex_attention"
+
+    def _why_not(self, spec, caps):
+        reasons = []
+        if spec.requires_grad and caps.vendor == "cpu":
+            reasons.append(Reason(
+                "no_backward", f"inputs require grad but torch {caps.libraries.torch} flex_attention has no "
+                "backward on CPU",
+            ))
+        if min(spec.head_dim, spec.head_dim_v) < MIN_HEAD_DIM:
+            reasons.append(Reason(
+                "head_dim_too_small",
+                f"head_dim {min(spec.head_dim, spec.head_dim_v)} is below {MIN_HEAD_DIM}, the flex_attention minimum",
+            ))
+        if caps.vendor in ("cuda", "rocm") and caps.libraries.triton is None:
+            reasons.append(Reason("not_installed", "compiling flex_attention on a GPU needs triton, not installed"))
+        return reasons
+
+    def notes(self, spec, caps):
+        cost = "~20 s on CPU" if caps.vendor == "cpu" else "seconds"
+        return [f"first call for this shape compiles flex_attention ({cost}); later calls reuse it"]
+
+    def run(self, call: AttentionCall, spec, config=None):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        mask_mod, score_mod = call.mask_mod, call.score_mod
+        if call.is_causal:
+            mask_mod = _and(mask_mod, Causal())
+        if call.attn_mask is not None:
+            dense_mask, dense_score = _dense_mask_mods(call.attn_mask)
+            mask_mod, score_mod = _and(mask_mod, dense_mask), _then(score_mod, dense_score)
+        block_mask = _block_mask(mask_mod, spec, q.device) if mask_mod is not None else None
+        run = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+        result = run(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=call.scale,
+            enable_gqa=spec.heads_q != spec.heads_kv, return_lse=call.return_lse,
+        )
+        out, lse = result if call.return_lse else (result, None)
+        return call.from_bhsd(out), lse
