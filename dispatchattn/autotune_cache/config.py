@@ -23,7 +23,7 @@ class TileConfig:
     kpack: int = 1
 
     def triton_options(self, vendor: str) -> dict[str, int]:
-        """Keyword options for a kernel launch or ``triton.compile`` on ``vendor`` ("cuda" / "rocm" / "hip")."""
+        """Keyword options for a kernel launch or ``triton.compile`` on ``vendor`` ("cuda", "rocm", "hip")."""
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
         if vendor in ("rocm", "hip"):
             options.update(
@@ -41,11 +41,14 @@ class TileConfig:
         fields = cls.__dataclass_fields__
         unknown = set(data) - set(fields)
         if unknown:
-            raise ValueError(f"unknown TileConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
+            raise ValueError(
+                f"unknown TileConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}"
+            )
         return cls(**{name: int(value) for name, value in data.items()})
 
     def short(self) -> str:
-        text = f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        text = f"BLOCK_M={self.block_m} BLOCK_N={self.block_n}"
+        text += f" warps={self.num_warps} stages={self.num_stages}"
         if self.waves_per_eu or self.matrix_instr_nonkdim or self.kpack != 1:
             text += f" waves_per_eu={self.waves_per_eu} mfma={self.matrix_instr_nonkdim} kpack={self.kpack}"
         return text

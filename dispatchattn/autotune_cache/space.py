@@ -1,0 +1,280 @@
+"""Which tile configs exist per vendor, which fit an arch, and the untuned default for each.
+
+Forward and backward are separate kernels with separate configs.  A backward ``TileConfig(m, n)`` means
+FlexAttention's (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2) = (m, n, n, m): the dK/dV part walks query tiles
+of ``m`` rows against a key tile of ``n``, the dQ part the transpose, so ``n`` must be a multiple of ``m``.
+
+Resources are *estimated* here from the tile shapes (``estimate_resources``, one small function); the
+ahead-of-time compiler measures the real shared memory per target and may refine it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..capabilities import ARCHS, DeviceCaps
+from .config import TileConfig
+
+KERNELS = ("fwd", "bwd")
+MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
+#: Registers per thread assumed for pointers, loop counters and the softmax state besides the tiles.
+REGISTER_OVERHEAD = 32
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Estimated per-block shared memory (bytes) and per-thread registers of one launch."""
+
+    shared_memory: int
+    registers: int
+
+
+def _pow2_at_least(value: int, floor: int = MIN_BLOCK) -> int:
+    """The kernels pad head dims to a power of two (at least 16) with masked loads."""
+    return max(floor, 1 << (max(int(value), 1) - 1).bit_length())
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate_resources(
+    kernel: str, config: TileConfig, dtype: torch.dtype, head_dim: int, head_dim_v: int, warp_size: int = 32
+) -> Resources:
+    """Shared memory and registers one block of ``kernel`` needs with ``config`` (an estimate).
+
+    Shared memory: the tiles streamed through the loop are held in ``num_stages`` buffers (the same
+    model as Triton's matmul ``early_config_prune``: stages x tile bytes).  Forward streams K and V tiles
+    (BLOCK_N rows of D + Dv).  Backward streams Q and dO tiles (BLOCK_M rows) and keeps K and V (BLOCK_N
+    rows) plus their transposed operand copies; calibrated on the public report of FlexAttention's
+    backward at D=128, 64x64 tiles, 2 stages needing 131,072 B on a 99 KB GPU (pytorch issue 133254).
+    Registers: the fp32 accumulators and score tile spread over the block's threads, plus overhead.
+    """
+    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    row_bytes = (d + dv) * _element_size(dtype)
+    stages = max(config.num_stages, 1)
+    m, n = config.block_m, config.block_n
+    if kernel == "fwd":
+        shared = stages * n * row_bytes
+        accumulators = m * dv + m * n  # output accumulator + score tile
+    else:
+        shared = (stages * m + 2 * n) * row_bytes
+        accumulators = n * (d + dv) + m * n  # dK and dV accumulators + score tile
+    threads = config.num_warps * warp_size
+    return Resources(shared, -(-accumulators // threads) + REGISTER_OVERHEAD)
+
+
+def _shape_text(kernel: str, config: TileConfig, head_dim: int, head_dim_v: int) -> str:
+    dims = f"D={head_dim}" if head_dim == head_dim_v else f"D={head_dim} Dv={head_dim_v}"
+    return f"{kernel} BLOCK_M={config.block_m} BLOCK_N={config.block_n} {dims}"
+
+
+def _why_shape_invalid(kernel: str, config: TileConfig, vendor: str) -> str | None:
+    m, n = config.block_m, config.block_n
+    for name, value in (("BLOCK_M", m), ("BLOCK_N", n)):
+        if value < MIN_BLOCK or value & (value - 1):
+            return f"{name}={value} must be a power of two >= {MIN_BLOCK} (the smallest tl.dot tile)"
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        return f"num_warps={config.num_warps} must be one of 1, 2, 4, 8, 16"
+    if kernel == "bwd" and n % m:
+        return f"bwd BLOCK_N={n} must be a multiple of BLOCK_M={m} (BLOCK_N1 % BLOCK_M1, BLOCK_M2 % BLOCK_N2)"
+    if vendor == "cuda" and (config.waves_per_eu or config.matrix_instr_nonkdim or config.kpack != 1):
+        return f"waves_per_eu / matrix_instr_nonkdim / kpack are AMD options; got {config.short()} for CUDA"
+    return None
+
+
+def why_config_invalid(
+    kernel: str, config: TileConfig, arch: str, dtype: torch.dtype, head_dim: int, head_dim_v: int
+) -> str | None:
+    """None when ``config`` can run ``kernel`` on ``arch``, else a sentence with the value and the limit.
+
+    >>> why_config_invalid("fwd", TileConfig(128, 128, 4, 3), "sm_86", torch.float16, 128, 128)
+    'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 196,608 B shared memory > 101,376 B on sm_86'
+    """
+    if kernel not in KERNELS:
+        return f"kernel {kernel!r} is not one of {KERNELS}"
+    info = ARCHS.get(arch)
+    if info is None:
+        return f"arch {arch!r} is not in the arch table (known: {', '.join(sorted(ARCHS))})"
+    problem = _why_shape_invalid(kernel, config, info.vendor)
+    if problem:
+        return problem
+    need = estimate_resources(kernel, config, dtype, head_dim, head_dim_v, info.warp_size)
+    shape = _shape_text(kernel, config, head_dim, head_dim_v)
+    if need.shared_memory > info.smem_per_block:
+        return (
+            f"{shape} stages={config.num_stages} needs {need.shared_memory:,} B shared memory"
+            f" > {info.smem_per_block:,} B on {arch}"
+        )
+    if need.registers > info.max_regs_per_thread:
+        return (
+            f"{shape} warps={config.num_warps} needs ~{need.registers} registers per thread"
+            f" > {info.max_regs_per_thread} on {arch} (it would spill)"
+        )
+    return None
+
+
+def _arch_of(arch_or_caps: str | DeviceCaps) -> str:
+    if isinstance(arch_or_caps, DeviceCaps):
+        if not arch_or_caps.arch:
+            raise ValueError(f"config_space: {arch_or_caps.describe()} has no GPU arch to tune for")
+        return arch_or_caps.arch
+    return arch_or_caps
+
+
+def _cuda_candidates(kernel: str) -> list[TileConfig]:
+    stages = (1, 2, 3, 4)
+    if kernel == "fwd":
+        tiles = [(m, n) for m in (32, 64, 128) for n in (32, 64, 128)]
+    else:
+        tiles = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+    return [
+        TileConfig(m, n, warps, st)
+        for (m, n), warps, st in itertools.product(tiles, (4, 8), stages)
+        if warps == 4 or m >= 64  # 8 warps on a 32-row tile leave warps without rows
+    ]
+
+
+def _rocm_candidates(kernel: str, arch: str) -> list[TileConfig]:
+    cdna = ARCHS[arch].matrix_instr == "mfma"
+    mfma = (0, 16) if cdna else (0,)  # matrix_instr_nonkdim and kpack only mean something on MFMA
+    kpack = 2 if cdna else 1
+    if kernel == "fwd":
+        tiles = [(m, n) for m in (64, 128) for n in (32, 64, 128)]
+        waves = (0, 2)
+    else:
+        tiles = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128)]
+        waves = (0,)
+    return [
+        TileConfig(m, n, warps, 1, wpe, nonk, kpack)
+        for (m, n), warps, wpe, nonk in itertools.product(tiles, (4, 8), waves, mfma)
+    ]
+
+
+def config_space(
+    kernel: str,
+    arch_or_caps: str | DeviceCaps,
+    dtype: torch.dtype,
+    head_dim: int,
+    head_dim_v: int | None = None,
+) -> list[TileConfig]:
+    """Every candidate config for ``kernel`` on the arch that passes ``why_config_invalid``, sorted.
+
+    CUDA: BLOCK_M x BLOCK_N x num_warps {4, 8} x num_stages {1..4}.  ROCm (stages 1): the same tiles x
+    num_warps x waves_per_eu x matrix_instr_nonkdim (forward), as FlexAttention's max-autotune sweeps
+    (KERNEL_NOTES section 4).  The heuristic default is always included when it fits.
+    """
+    arch = _arch_of(arch_or_caps)
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    if arch not in ARCHS:
+        return []
+    vendor = ARCHS[arch].vendor
+    candidates = set(_cuda_candidates(kernel) if vendor == "cuda" else _rocm_candidates(kernel, arch))
+    candidates.add(heuristic_config(kernel, arch, dtype, head_dim, head_dim_v))
+    fits = [c for c in candidates if not why_config_invalid(kernel, c, arch, dtype, head_dim, head_dim_v)]
+    return sorted(fits)
+
+
+# --- heuristic defaults --------------------------------------------------------------------------------
+# FlexAttention's default tile tables (torch/_inductor/template_heuristics/triton.py), as summarised in
+# KERNEL_NOTES.md section 4.  Forward rows: (BLOCK_M, BLOCK_N, num_stages, num_warps) by head dim;
+# the row of the next power of two at least D is used (the kernels pad D to it).
+_FWD_SM90 = {
+    "half": {64: (128, 128, 3, 4), 128: (128, 64, 3, 8), 256: (64, 32, 3, 4)},
+    "fp32": {64: (128, 32, 3, 4), 128: (32, 64, 3, 4), 256: (32, 32, 3, 4)},
+}
+_FWD_SM80 = {
+    "half": {64: (128, 64, 3, 4), 128: (128, 64, 3, 8), 256: (32, 64, 3, 4)},
+    "fp32": {64: (128, 32, 3, 4), 128: (128, 32, 3, 4), 256: (64, 16, 3, 4)},
+}
+_FWD_ROCM = {
+    "half": {64: (128, 64, 1, 8), 128: (128, 64, 1, 8), 256: (32, 64, 1, 4)},
+    "fp32": {64: (128, 32, 1, 4), 128: (128, 32, 1, 4), 256: (64, 16, 1, 4)},
+}
+_FWD_OTHER = (64, 64, 3, 4)
+# Backward rows: (BLOCK_M1, BLOCK_N1, num_stages, num_warps); M2, N2 = N1, M1.
+_BWD_FP32_OR_LARGE = (16, 16, 1, 4)
+
+
+def _fwd_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    info = ARCHS.get(arch)
+    precision = "fp32" if dtype == torch.float32 else "half"
+    d = _pow2_at_least(head_dim, 64)
+    if info is None or d > 256:
+        return _FWD_OTHER
+    if info.vendor == "rocm":
+        return _FWD_ROCM[precision][d]
+    if arch == "sm_90":
+        return _FWD_SM90[precision][d]
+    if info.sm >= (8, 0):
+        return _FWD_SM80[precision][d]
+    return _FWD_OTHER
+
+
+def _bwd_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    info = ARCHS.get(arch)
+    if info is None or dtype == torch.float32 or head_dim > 256:
+        return _BWD_FP32_OR_LARGE
+    if info.vendor == "rocm":
+        if head_dim <= 64:
+            return (64, 64, 1, 4)
+        return (64, 128, 1, 8) if head_dim <= 128 else _BWD_FP32_OR_LARGE
+    if arch == "sm_90":
+        if head_dim < 64:
+            return (64, 64, 3, 4)
+        return (64, 128, 3, 8) if head_dim <= 128 else (64, 64, 2, 4)
+    return (64, 64, 2, 4) if info.sm >= (8, 0) else _BWD_FP32_OR_LARGE
+
+
+def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> TileConfig:
+    """The FlexAttention default table's config, as is (it may not fit; see ``heuristic_config``)."""
+    m, n, stages, warps = (_fwd_row if kernel == "fwd" else _bwd_row)(arch, dtype, head_dim)
+    info = ARCHS.get(arch)
+    if info is not None and info.vendor == "rocm" and info.matrix_instr == "mfma":
+        return TileConfig(m, n, warps, stages, waves_per_eu=0, matrix_instr_nonkdim=0, kpack=2)
+    return TileConfig(m, n, warps, stages)
+
+
+def _shrink(config: TileConfig, kernel: str, registers_short: bool) -> TileConfig | None:
+    """One step smaller: for registers more warps first, for shared memory fewer stages first; then a
+    smaller tile (BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
+    if registers_short and config.num_warps < 8:
+        return replace(config, num_warps=8)
+    if not registers_short and config.num_stages > 1:
+        return replace(config, num_stages=config.num_stages - 1)
+    m, n = config.block_m, config.block_n
+    if n > MIN_BLOCK and (kernel == "fwd" or n // 2 >= m):
+        return replace(config, block_n=n // 2)
+    if m > MIN_BLOCK:
+        return replace(config, block_m=m // 2)
+    return None
+
+
+def heuristic_config_and_note(
+    kernel: str, arch: str, dtype: torch.dtype, head_dim: int, head_dim_v: int | None = None
+) -> tuple[TileConfig, str]:
+    """``heuristic_config`` and a note saying where it came from and whether it had to shrink to fit."""
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    table = table_config(kernel, arch, dtype, head_dim)
+    config, problem = table, why_config_invalid(kernel, table, arch, dtype, head_dim, head_dim_v)
+    first_problem = problem
+    while problem is not None and arch in ARCHS:
+        smaller = _shrink(config, kernel, registers_short="registers" in problem)
+        if smaller is None:
+            break
+        config, problem = smaller, why_config_invalid(kernel, smaller, arch, dtype, head_dim, head_dim_v)
+    note = f"FlexAttention default table for {arch}"
+    if config != table:
+        note += f", shrunk from {table.short()} because {first_problem}"
+    return config, note
+
+
+def heuristic_config(
+    kernel: str, arch: str, dtype: torch.dtype, head_dim: int, head_dim_v: int | None = None
+) -> TileConfig:
+    """The untuned default: FlexAttention's table for the arch (KERNEL_NOTES section 4), shrunk (fewer
+    stages, more warps, smaller tiles) until ``why_config_invalid`` accepts it."""
+    return heuristic_config_and_note(kernel, arch, dtype, head_dim, head_dim_v)[0]
