@@ -1,0 +1,317 @@
+"""Ahead-of-time compilation of the triton_flex kernels for GPUs that are not present.
+
+A kernel that passes under ``TRITON_INTERPRET=1`` can still fail on hardware: the interpreter ignores
+shared-memory limits, register pressure and matrix-instruction selection.  Here every (kernel, variant,
+tile config, target) is compiled for real with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` on
+this CPU-only machine, and its resources are checked against the limits in ``capabilities.ARCHS``:
+
+>>> from dispatchattn.autotune_cache.config import TileConfig
+>>> record = check_config("fwd", TileConfig(128, 128, 4, 3), "sm_86", "bf16", 128)  # doctest: +SKIP
+>>> reject_reason(record)  # doctest: +SKIP
+'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 bf16 needs 131,072 B shared memory > 101,376 B on sm_86 ...'
+
+Compiles run in clean worker processes (``aot_compile.py``), in parallel, and every record is cached under
+``cache_root()/aot/`` keyed by (kernel source hash, signature and constants, options, target, Triton version),
+so a warm run reads JSON and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ...autotune_cache.config import TileConfig
+from ...capabilities import ARCHS, ArchInfo
+from ...paths import cache_root
+
+FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
+MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_WORKER = _PACKAGE_DIR / "aot_compile.py"
+_WORKER_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class AotJob:
+    """One compile to do: which ``@triton.jit`` function, specialised how, for which target and config."""
+
+    kernel: str  # "fwd", "bwd_dkdv", ...
+    variant: str  # "plain", "causal", "softcap_30", ...
+    target: str  # a key of ARCHS
+    config: TileConfig
+    dtype: str  # "bf16" / "fp16" / "fp32"
+    head_dim: int
+    head_dim_v: int
+    fn_ref: tuple[str, str, str]  # (module, file, function name): the worker imports it from there
+    signature: dict = field(hash=False, compare=False)
+    constexprs: dict = field(hash=False, compare=False)
+
+    @property
+    def arch(self) -> ArchInfo:
+        return ARCHS[self.target]
+
+    def options(self) -> dict:
+        """``triton.compile`` options: the config's launch options, fp fusion as Triton 3.9 defaults it."""
+        return {**self.config.triton_options(self.arch.vendor), "enable_fp_fusion": True}
+
+    def payload(self) -> dict:
+        """What the worker process needs (picklable, no torch objects)."""
+        return {
+            "ref": self.fn_ref,
+            "signature": self.signature,
+            "constexprs": self.constexprs,
+            "target": self.arch.triton_target,
+            "options": self.options(),
+        }
+
+    def cache_key(self) -> str:
+        constants = sorted((str(k), repr(v)) for k, v in self.constexprs.items())
+        parts = [
+            FORMAT_VERSION,
+            _triton_version(),
+            _source_hash(self.fn_ref[1]),
+            self.fn_ref[0],
+            self.fn_ref[2],
+            sorted(self.signature.items()),
+            constants,
+            sorted(self.options().items()),
+            self.arch.triton_target,
+        ]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+@dataclass
+class AotRecord:
+    """What one (kernel, variant, config, target) costs on that target, and whether it may ship there."""
+
+    kernel: str
+    variant: str
+    target: str
+    config: dict
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    shared_bytes: int | None = None  # dynamic shared memory / LDS Triton requests at launch
+    static_shared_bytes: int | None = None
+    smem_limit: int = 0
+    registers: int | None = None  # per thread (NVIDIA) / VGPRs per lane (AMD)
+    register_limit: int = 0
+    spill_bytes: int | None = None  # stack/local frame (NVIDIA), ScratchSize (AMD), bytes per thread
+    spill_count: int | None = None  # spilled VGPRs (AMD only)
+    sgpr_spill_count: int | None = None  # SGPRs spilled to VGPR lanes (AMD; no memory traffic)
+    occupancy: int | None = None  # waves per SIMD as the AMD compiler reports it; None on NVIDIA
+    matrix_instr: str = "none"
+    expected_matrix_instr: str | None = None
+    matrix_mnemonics: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    error: str | None = None
+    triton_version: str = ""
+    fits: bool = False
+    reason: str | None = None
+
+    @property
+    def total_shared_bytes(self) -> int | None:
+        if self.shared_bytes is None:
+            return None
+        return self.shared_bytes + (self.static_shared_bytes or 0)
+
+    @property
+    def tile(self) -> TileConfig:
+        return TileConfig.from_dict(self.config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AotRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _describe(record: AotRecord) -> str:
+    cfg = record.tile
+    dims = f"D={record.head_dim}" + (
+        f" Dv={record.head_dim_v}" if record.head_dim_v != record.head_dim else ""
+    )
+    tile = f"BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} {dims} warps={cfg.num_warps} stages={cfg.num_stages}"
+    text = f"{record.kernel} {tile}"
+    return f"{text} {record.dtype}" + (f" ({record.variant})" if record.variant != "plain" else "")
+
+
+def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]:
+    """Every reason ``record``'s config may not ship on ``arch`` (default: its target); [] if it may."""
+    arch = arch or ARCHS[record.target]
+    where = f"{arch.name} ({arch.flagship})"
+    what = _describe(record)
+    if record.error:
+        return [f"{what} does not compile for {where}: {record.error}"]
+    reasons = []
+    total = record.total_shared_bytes or 0
+    if total > arch.smem_per_block:
+        reasons.append(f"{what} needs {total:,} B shared memory > {arch.smem_per_block:,} B on {where}")
+    if (record.spill_bytes or 0) > MAX_SPILL_BYTES or (record.spill_count or 0) > 0:
+        spilled = f"{record.spill_count} VGPRs, " if record.spill_count else ""
+        reasons.append(
+            f"{what} spills registers on {where}: {spilled}{record.spill_bytes or 0:,} B per thread of "
+            f"{'scratch' if arch.vendor == 'rocm' else 'local memory'} at {record.registers} registers "
+            f"(limit {arch.max_regs_per_thread}, allowed spill {MAX_SPILL_BYTES} B)"
+        )
+    expected = arch.matrix_instr if record.dtype in ("bf16", "fp16") else None
+    if expected and record.matrix_instr != expected:
+        reasons.append(
+            f"{what} uses {record.matrix_instr} instead of {expected} matrix instructions on {where}"
+        )
+    return reasons
+
+
+def reject_reason(record: AotRecord, arch: ArchInfo | None = None) -> str | None:
+    """Why ``record``'s config may not ship on ``arch`` (default: its target) in one sentence, or None."""
+    reasons = reject_reasons(record, arch)
+    return "; ".join(reasons) if reasons else None
+
+
+def record_from_result(job: AotJob, result: dict) -> AotRecord:
+    """The record of ``job`` from the worker's raw ``result``, with fit and reason decided from ARCHS."""
+    resources = {k: v for k, v in result.items() if k in {f.name for f in fields(AotRecord)}}
+    record = AotRecord(
+        kernel=job.kernel,
+        variant=job.variant,
+        target=job.target,
+        config=job.config.to_dict(),
+        dtype=job.dtype,
+        head_dim=job.head_dim,
+        head_dim_v=job.head_dim_v,
+        smem_limit=job.arch.smem_per_block,
+        register_limit=job.arch.max_regs_per_thread,
+        triton_version=_triton_version(),
+        expected_matrix_instr=job.arch.matrix_instr if job.dtype in ("bf16", "fp16") else None,
+        **resources,
+    )
+    record.reason = reject_reason(record)
+    record.fits = record.reason is None
+    return record
+
+
+# --- cache -------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digest(path: Path) -> str:
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _source_hash(kernel_file: str) -> str:
+    """Hash of the kernel's own file and of every module of this package (helpers, codegen, this checker)."""
+    files = sorted({Path(kernel_file).resolve(), *_PACKAGE_DIR.glob("*.py")})
+    return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where compiled-kernel records live: ``cache_root()/aot/triton-<version>/``."""
+    return cache_root() / "aot" / f"triton-{_triton_version()}"
+
+
+def _cache_path(job: AotJob) -> Path:
+    return cache_dir() / job.target / f"{job.cache_key()}.json"
+
+
+def _load_cached(job: AotJob) -> dict | None:
+    try:
+        return json.loads(_cache_path(job).read_text())
+    except (OSError, ValueError):
+        return None  # missing or corrupt: compile again
+
+
+def _store(job: AotJob, result: dict) -> None:
+    path = _cache_path(job)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(result, tmp)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass  # an unwritable cache costs a recompile next time, never a failure
+
+
+# --- compiling ---------------------------------------------------------------------------------------
+
+
+def fn_ref(jit_fn) -> tuple[str, str, str]:
+    """(module, file, name) of a ``@triton.jit`` (or interpreted) function, for a worker to import it."""
+    fn = getattr(jit_fn, "fn", jit_fn)
+    return fn.__module__, inspect.getsourcefile(fn), fn.__name__
+
+
+def _run_chunk(payloads: list[dict], workdir: Path, index: int) -> subprocess.Popen:
+    jobs_path = workdir / f"jobs{index}.pkl"
+    jobs_path.write_bytes(pickle.dumps(payloads))
+    package_root = str(_PACKAGE_DIR.parents[2])
+    argv = [sys.executable, str(_WORKER), package_root, str(jobs_path), str(workdir / f"results{index}.pkl")]
+    stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _compile_payloads(payloads: list[dict], workers: int) -> list[dict]:
+    """Compile in ``workers`` clean processes; a job whose worker died gets an ``error`` result."""
+    workers = max(1, min(workers, len(payloads)))
+    chunks = [list(range(i, len(payloads), workers)) for i in range(workers)]
+    results: list[dict] = [{} for _ in payloads]
+    with tempfile.TemporaryDirectory(prefix="dispatchattn-aot-") as tmp:
+        workdir = Path(tmp)
+        procs = [_run_chunk([payloads[j] for j in chunk], workdir, i) for i, chunk in enumerate(chunks)]
+        for i, (proc, chunk) in enumerate(zip(procs, chunks)):
+            try:
+                code = proc.wait(timeout=_WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            proc.stderr.close() if proc.stderr else None
+            path = workdir / f"results{i}.pkl"
+            done = pickle.loads(path.read_bytes()) if path.exists() else []
+            tail = (workdir / f"stderr{i}.txt").read_text()[-300:].strip()
+            for pos, j in enumerate(chunk):
+                crashed = {"error": f"worker exited ({code}): {tail}", "transient": True}
+                results[j] = done[pos] if pos < len(done) else crashed
+    return results
+
+
+def default_workers() -> int:
+    """Compile processes to start: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def compile_jobs(jobs: list[AotJob], workers: int | None = None, use_cache: bool = True) -> list[AotRecord]:
+    """Records of ``jobs`` in order: cached ones read from disk, the rest compiled in parallel and cached."""
+    results = [_load_cached(job) if use_cache else None for job in jobs]
+    missing = [i for i, result in enumerate(results) if result is None]
+    if missing:
+        fresh = _compile_payloads([jobs[i].payload() for i in missing], workers or default_workers())
+        for i, result in zip(missing, fresh):
+            results[i] = result
+            if not result.pop("transient", False):
+                _store(jobs[i], result)
+    return [record_from_result(job, result) for job, result in zip(jobs, results)]

@@ -1,0 +1,180 @@
+"""Compile one Triton kernel for a GPU that is not present, and read what it costs on that GPU.
+
+This module runs inside a clean worker process started by ``aot.py`` (``python aot_compile.py JOBS RESULTS``):
+the test suite and the CPU path switch on Triton's interpreter, under which ``@triton.jit`` gives
+interpreted functions that ``triton.compile`` cannot lower.  The worker switches the interpreter off before
+it imports any kernel module, so every kernel (and every ``@triton.jit`` helper it calls) is a real
+``JITFunction``.  It imports only the standard library and Triton, so it can be started by file path.
+
+What is read, with no GPU and no driver:
+- shared memory: ``metadata.shared`` (what Triton asks for at launch) plus the static shared memory of the
+  binary (``cuobjdump --dump-resource-usage`` SHARED, or ``.group_segment_fixed_size`` of the AMDGCN);
+- registers and spills: cuobjdump's REG / STACK / LOCAL on NVIDIA (ptxas puts spills in the stack frame);
+  ``.vgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``, ``ScratchSize`` and ``Occupancy`` on AMD;
+- matrix instructions: ``mma.sync`` / ``wgmma.mma_async`` / ``tcgen05.mma`` in the PTX, ``v_mfma_*`` /
+  ``v_wmma_*`` in the AMDGCN.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Matrix-instruction families, most specific first, and the mnemonics that identify them.
+MATRIX_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("tcgen05", r"tcgen05\.mma[\w.:]*"),
+    ("wgmma", r"wgmma\.mma_async[\w.]*"),
+    ("mma.sync", r"\bmma\.sync[\w.]*"),
+    ("mfma", r"\bv_mfma_\w+"),
+    ("wmma", r"\bv_wmma_\w+"),
+)
+
+
+def matrix_instructions(assembly: str) -> tuple[str, list[str]]:
+    """(family, distinct mnemonics) of the matrix instructions in PTX or AMDGCN text; "none" if absent."""
+    family, found = "none", []
+    for name, pattern in MATRIX_FAMILIES:
+        hits = sorted(set(re.findall(pattern, assembly)))
+        if hits and family == "none":
+            family = name
+        found.extend(hits)
+    return family, found
+
+
+def parse_cuobjdump(text: str) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the (single) function in ``cuobjdump --dump-resource-usage`` output."""
+    values = {}
+    for field in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{field}:(\d+)", text.split("Function", 1)[-1])
+        values[field] = int(match.group(1)) if match else 0
+    return values
+
+
+def parse_amdgcn(text: str) -> dict[str, int | None]:
+    """Register, spill, scratch, LDS and occupancy figures from the AMDGCN assembly's metadata lines."""
+    patterns = {
+        "vgpr_count": r"\.vgpr_count:\s+(\d+)",
+        "vgpr_spill_count": r"\.vgpr_spill_count:\s+(\d+)",
+        "sgpr_spill_count": r"\.sgpr_spill_count:\s+(\d+)",
+        "scratch": r";\s*ScratchSize:\s+(\d+)",
+        "occupancy": r";\s*Occupancy:\s+(\d+)",
+        "static_lds": r"\.group_segment_fixed_size:\s+(\d+)",
+    }
+    values: dict[str, int | None] = {}
+    for name, pattern in patterns.items():
+        match = re.search(pattern, text)
+        values[name] = int(match.group(1)) if match else None
+    return values
+
+
+def _nvidia_resources(compiled) -> dict:
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = triton.knobs.nvidia.cuobjdump.path
+        dump = subprocess.run(
+            [tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+        )
+    usage = parse_cuobjdump(dump.stdout)
+    family, mnemonics = matrix_instructions(compiled.asm["ptx"])
+    return {
+        "static_shared_bytes": usage["SHARED"],
+        "registers": usage["REG"],
+        "spill_bytes": usage["STACK"] + usage["LOCAL"],
+        "spill_count": None,
+        "sgpr_spill_count": None,
+        "occupancy": None,
+        "matrix_instr": family,
+        "matrix_mnemonics": mnemonics,
+    }
+
+
+def _amd_resources(compiled) -> dict:
+    amdgcn = compiled.asm["amdgcn"]
+    usage = parse_amdgcn(amdgcn)
+    family, mnemonics = matrix_instructions(amdgcn)
+    return {
+        "static_shared_bytes": usage["static_lds"] or 0,
+        "registers": usage["vgpr_count"],
+        "spill_bytes": usage["scratch"] or 0,
+        "spill_count": usage["vgpr_spill_count"],
+        "sgpr_spill_count": usage["sgpr_spill_count"],
+        "occupancy": usage["occupancy"],
+        "matrix_instr": family,
+        "matrix_mnemonics": mnemonics,
+    }
+
+
+def load_function(module: str, path: str, name: str):
+    """The ``@triton.jit`` object ``name`` of ``module``, loaded from ``path`` if not importable by name."""
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).resolve() == Path(path).resolve():
+            loaded = importlib.import_module(module)
+        else:
+            spec = importlib.util.spec_from_file_location(module, path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[module] = loaded
+            spec.loader.exec_module(loaded)
+    return getattr(loaded, name)
+
+
+def _error_line(exc: Exception) -> str:
+    """The exception's type and last non-empty message line (compiler errors end with the useful line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (type(exc).__name__ + (f": {lines[-1]}" if lines else ""))[:500]
+
+
+def compile_one(job: dict) -> dict:
+    """Compile ``job`` (kernel reference, signature, constexprs, target, options); return its resources.
+
+    Never raises: a failed compile returns ``{"error": "..."}`` with the compiler's last message.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    start = time.perf_counter()
+    try:
+        fn = load_function(*job["ref"])
+        source = triton.compiler.ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
+        target = GPUTarget(*job["target"])
+        compiled = triton.compile(source, target=target, options=job["options"])
+        resources = _nvidia_resources(compiled) if target.backend == "cuda" else _amd_resources(compiled)
+        resources["shared_bytes"] = int(compiled.metadata.shared)
+    except Exception as exc:  # a compiler error is a finding to report, not a crash
+        resources = {"error": _error_line(exc)}
+    resources["compile_seconds"] = round(time.perf_counter() - start, 3)
+    return resources
+
+
+def main(argv: list[str]) -> int:
+    """``aot_compile.py PACKAGE_ROOT JOBS.pkl RESULTS.pkl``: compile every job, write the results in order."""
+    package_root, jobs_path, results_path = argv
+    sys.path[0] = package_root  # not this file's folder: kernel modules are imported as package modules
+    # This worker's own environment, before Triton is imported: with the interpreter on, ``@triton.jit``
+    # (Triton's own library functions included) would give functions that cannot be compiled.
+    os.environ["TRITON_INTERPRET"] = "0"
+    jobs = pickle.loads(Path(jobs_path).read_bytes())
+    results = []
+    for job in jobs:
+        results.append(compile_one(job))
+        Path(results_path).write_bytes(pickle.dumps(results))  # partial results survive a crash
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
