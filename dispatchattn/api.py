@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from . import capabilities, envs, explain as _explain
+from . import capabilities, envs
+from . import explain as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
 from .selector import Decision, current_policy, select, select_cached

@@ -95,6 +95,11 @@ class TorchFlexBackend(Backend):
                 "no_backward", f"inputs require grad but torch {caps.libraries.torch} flex_attention has no "
                 "backward on CPU",
             ))
+        if spec.return_lse and caps.vendor == "cpu":
+            reasons.append(Reason(
+                "lse_unsupported", f"return_lse=True but compiled torch {caps.libraries.torch} flex_attention "
+                "cannot return the lse on CPU",
+            ))
         if min(spec.head_dim, spec.head_dim_v) < MIN_HEAD_DIM:
             reasons.append(Reason(
                 "head_dim_too_small",
