@@ -1,1 +1,32 @@
-"""Tile configs for the in-house Triton kernels: config space, on-disk cache, shipped defaults."""
+"""Tile configs for the in-house Triton kernels: config space, on-disk cache, shipped defaults.
+
+>>> import torch
+>>> from dispatchattn.autotune_cache import why_config_invalid, TileConfig
+>>> why_config_invalid("fwd", TileConfig(128, 128, 4, 3), "sm_86", torch.float16, 128, 128)
+'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 196,608 B shared memory > 101,376 B on sm_86'
+"""
+
+from .config import TileConfig
+from .key import TuneKey, make_key
+from .select import INTERPRETER_SOURCE, autotune_dir, clear_memo, select_config, user_cache_path
+from .space import config_space, estimate_resources, heuristic_config, why_config_invalid
+from .tuning import TuneResult, candidates_for, kernel_bench_fn, tune
+
+__all__ = [
+    "INTERPRETER_SOURCE",
+    "TileConfig",
+    "TuneKey",
+    "TuneResult",
+    "autotune_dir",
+    "candidates_for",
+    "clear_memo",
+    "config_space",
+    "estimate_resources",
+    "heuristic_config",
+    "kernel_bench_fn",
+    "make_key",
+    "select_config",
+    "tune",
+    "user_cache_path",
+    "why_config_invalid",
+]

@@ -1,0 +1,135 @@
+"""``select_config``: the tile config for one call, and a sentence saying where it came from.
+
+Order: interpreter default (CPU) -> user cache (tuned on this device) -> tune now (``DISPATCHATTN_AUTOTUNE=1``
+on a GPU) -> shipped default for the arch -> heuristic.  An in-memory memo in front makes a warm call a
+dictionary lookup.  Nothing here raises because of the cache: the worst case is the heuristic, with the
+reason in the source sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import filelock
+import torch
+
+from .. import envs
+from ..capabilities import DeviceCaps
+from ..paths import cache_root
+from ..spec import AttentionSpec
+from . import shipped, store
+from .config import TileConfig
+from .key import TuneKey, make_key
+from .space import heuristic_config_and_note
+
+logger = logging.getLogger("dispatchattn")
+
+INTERPRETER_SOURCE = "interpreter default"
+_memo: dict[tuple, tuple[TileConfig, str]] = {}
+
+
+def autotune_dir() -> Path:
+    """``<cache root>/autotune``: one sub-directory per device, one JSON file per set of versions."""
+    return cache_root() / "autotune"
+
+
+def user_cache_path(key: TuneKey) -> Path:
+    return autotune_dir() / key.file_name
+
+
+def interpreter_config(spec: AttentionSpec) -> TileConfig:
+    """Small tiles for Triton's CPU interpreter, whose cost grows with the number of tile steps."""
+    block = 16 if max(spec.seq_q, spec.seq_kv) <= 16 else 32
+    return TileConfig(block, block, num_warps=4, num_stages=1)
+
+
+def clear_memo() -> None:
+    """Forget every memoised selection (tests; after ``tune --clear``)."""
+    _memo.clear()
+
+
+def select_config(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
+    """The tile config for ``kernel`` ("fwd" / "bwd") of ``spec`` on ``caps``, and where it came from.
+
+    The source reads after "from": ``user cache (/path/file.json)``, ``shipped default (not measured)
+    for sm_90: ...``, ``heuristic (no tuned entry; ...)``, ``interpreter default``.  Never raises.
+    """
+    if not caps.is_gpu or spec.device_type == "cpu":
+        return interpreter_config(spec), INTERPRETER_SOURCE
+    memo_key = (kernel, spec, caps, envs.cache_dir(), envs.autotune_on_miss())
+    hit = _memo.get(memo_key)
+    if hit is not None:
+        return hit
+    try:
+        result = _select_uncached(kernel, spec, caps)
+    except Exception as error:  # the cache must never fail a call
+        config, note = _heuristic(kernel, spec, caps)
+        result = config, f"heuristic ({note}; the tile-config cache failed: {type(error).__name__}: {error})"
+    if not torch.compiler.is_compiling():  # a memo filled while tracing would cost a recompile
+        _memo[memo_key] = result
+    return result
+
+
+def _heuristic(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
+    return heuristic_config_and_note(kernel, caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
+
+
+def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
+    key = make_key(kernel, spec, caps)
+    path = user_cache_path(key)
+    loaded = store.load(path, key.header)
+    found = _from_entry(loaded.entries.get(key.entry))
+    if found is not None:
+        where = path if loaded.healthy else f"{path}, kept in memory: {loaded.status}"
+        return found, f"user cache ({where})"
+    trouble = "" if loaded.healthy else f"; {loaded.status}"
+    if envs.autotune_on_miss() and not torch.compiler.is_compiling():
+        tuned = _tune_on_miss(kernel, spec, caps, key, path)
+        if tuned is not None:
+            return tuned
+    from_shipped = shipped.lookup(kernel, caps.arch, key.dtype, spec.head_dim, spec.head_dim_v)
+    if from_shipped is not None:
+        config, source = from_shipped
+        return config, source + trouble
+    config, note = _heuristic(kernel, spec, caps)
+    return config, f"heuristic (no tuned entry for {key.entry}; {note}{trouble})"
+
+
+def _from_entry(entry) -> TileConfig | None:
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return TileConfig.from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a hand-edited or damaged entry: tuned again / replaced on the next write
+
+
+def _tune_on_miss(
+    kernel: str, spec: AttentionSpec, caps: DeviceCaps, key: TuneKey, path: Path
+) -> tuple[TileConfig, str] | None:
+    """Tune now (``DISPATCHATTN_AUTOTUNE=1``); None when another process is tuning this key or all failed.
+
+    A per-key lock makes one process of many (e.g. the ranks of a job) tune while the others go on
+    with the default instead of all timing the same candidates on a shared GPU.
+    """
+    from .tuning import candidates_for, kernel_bench_fn, tune
+
+    digest = hashlib.sha1(key.entry.encode()).hexdigest()[:12]
+    tuning_lock = path.with_name(f".{path.stem}.{digest}.tuning.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(tuning_lock), timeout=0):
+            device = torch.device("cuda", torch.cuda.current_device())
+            bench = kernel_bench_fn(kernel, spec, caps, device)
+            result = tune(kernel, spec, caps, candidates_for(kernel, spec, caps), bench, progress=False)
+    except (filelock.Timeout, OSError):
+        return None  # another process is tuning this key, or the cache directory is unusable
+    except Exception as error:  # e.g. the kernel cannot be imported: tuning is an optimisation only
+        logger.warning("dispatchattn autotune of %s failed: %s: %s", key.entry, type(error).__name__, error)
+        return None
+    if not result.succeeded:
+        return None
+    logger.info("dispatchattn autotune:\n%s", result.table())
+    return result.best, f"tuned now ({result.store_status})"

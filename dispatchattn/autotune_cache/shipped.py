@@ -1,0 +1,142 @@
+"""Shipped default tile configs: one JSON file per GPU target in ``autotune_cache/defaults/``.
+
+Each file says where its configs came from (``measured``, ``source``, ``produced``: device, date,
+versions, how).  Until a GPU was available to this project every file was generated from the heuristic
+(``python -m dispatchattn.autotune_cache.shipped --write``) and says ``"measured": false``; tuned files
+replace them target by target (``python -m dispatchattn tune ... --export-defaults``).
+
+Entries are keyed by kernel, dtype and head dims rounded up to a power of two (the kernels pad to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+import dispatchattn
+
+from ..capabilities import AOT_TARGETS, ARCHS, installed_libraries
+from . import store
+from .config import TileConfig
+from .space import KERNELS, _pow2_at_least, heuristic_config_and_note, why_config_invalid
+
+DEFAULTS_DIR = Path(__file__).with_name("defaults")
+HEURISTIC_SOURCE = "heuristic (FlexAttention defaults table), not timed on hardware"
+SHIPPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SHIPPED_HEAD_DIMS = (64, 128, 256)
+
+
+def entry_name(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int) -> str:
+    """``"fwd float16 d128/128"``: the head dims rounded up to the power of two the kernel pads to."""
+    return f"{kernel} {dtype_name} d{_pow2_at_least(head_dim)}/{_pow2_at_least(head_dim_v)}"
+
+
+@functools.cache
+def load_target(target: str) -> dict | None:
+    """The shipped document for ``target`` ("sm_90"), or None when there is none or it is unusable."""
+    path = DEFAULTS_DIR / f"{target}.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if store.why_document_invalid(document) is None else None
+
+
+def lookup(
+    kernel: str, arch: str, dtype_name: str, head_dim: int, head_dim_v: int
+) -> tuple[TileConfig, str] | None:
+    """(config, source sentence) from the shipped defaults of ``arch``, or None."""
+    document = load_target(arch)
+    if document is None:
+        return None
+    entry = document["tile_configs"].get(entry_name(kernel, dtype_name, head_dim, head_dim_v))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        config = TileConfig.from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return config, describe(document, arch)
+
+
+def describe(document: dict, arch: str) -> str:
+    """``shipped default (not measured) for sm_90: ...`` or ``shipped default (measured on H100, date)``."""
+    produced = document.get("produced", {})
+    if document.get("measured"):
+        device, date = produced.get("device", arch), produced.get("date", "undated")
+        return f"shipped default (measured on {device}, {date})"
+    return f"shipped default (not measured) for {arch}: {document.get('source', HEURISTIC_SOURCE)}"
+
+
+def heuristic_document(target: str) -> dict:
+    """The shipped-defaults document for ``target`` generated from the heuristic (nothing measured)."""
+    document = store.empty_document({})
+    document.update(
+        target=target,
+        measured=False,
+        source=HEURISTIC_SOURCE,
+        produced={
+            "device": f"none (generated for {target}, {ARCHS[target].flagship}, without the hardware)",
+            "date": datetime.date.today().isoformat(),
+            "dispatchattn": dispatchattn.__version__,
+            "triton": str(installed_libraries().triton),
+            "how": "python -m dispatchattn.autotune_cache.shipped --write",
+        },
+    )
+    for kernel in KERNELS:
+        for dtype in SHIPPED_DTYPES:
+            for head_dim in SHIPPED_HEAD_DIMS:
+                config, note = heuristic_config_and_note(kernel, target, dtype, head_dim, head_dim)
+                if why_config_invalid(kernel, config, target, dtype, head_dim, head_dim):
+                    continue  # nothing in the table fits this target: no default to ship
+                name = entry_name(kernel, str(dtype).removeprefix("torch."), head_dim, head_dim)
+                document["tile_configs"][name] = {"config": config.to_dict(), "note": note}
+    return document
+
+
+def same_configs(a: dict, b: dict) -> bool:
+    """Whether two shipped documents hold the same configs (ignoring dates and versions)."""
+    return {k: v["config"] for k, v in a["tile_configs"].items()} == {
+        k: v["config"] for k, v in b["tile_configs"].items()
+    }
+
+
+def write_heuristic_defaults(directory: Path = DEFAULTS_DIR, force: bool = False) -> list[Path]:
+    """(Re)write the unmeasured defaults of each AOT target whose configs changed; measured ones stay."""
+    written = []
+    directory.mkdir(parents=True, exist_ok=True)
+    for target in AOT_TARGETS:
+        path = directory / f"{target}.json"
+        new = heuristic_document(target)
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old is not None and (old.get("measured") or (same_configs(old, new) and not force)):
+            continue
+        path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(path)
+    load_target.cache_clear()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate the unmeasured shipped tile-config defaults.")
+    parser.add_argument("--write", action="store_true", help="write defaults/<target>.json per AOT target")
+    parser.add_argument("--force", action="store_true", help="rewrite even when no config changed")
+    args = parser.parse_args(argv)
+    if not args.write:
+        parser.print_help()
+        return 2
+    for path in write_heuristic_defaults(force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
