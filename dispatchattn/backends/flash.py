@@ -149,7 +149,10 @@ class FlashBackend(Backend):
         raise RuntimeError("flash cannot run this call: " + "; ".join(self.why_not(spec, caps)))
 
     def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
-        impl, version, plan = self.choose(spec, caps)
+        try:
+            impl, version, plan = self.choose(spec, caps)
+        except RuntimeError:
+            return []
         notes = [f"entry point: flash-attn {version} {impl.label}"]
         if plan.document is not None:
             notes.append("document mask -> flash_attn_varlen_func (cu_seqlens computed from document_ids)")
@@ -181,7 +184,8 @@ def _structure_reasons(spec: AttentionSpec, plan: MaskPlan) -> list[Reason]:
         reasons.append(Reason("opaque_mod", "an arbitrary score_mod/mask_mod cannot be expressed as flash-attn "
                               "arguments (use da.masks / da.scores objects)"))
     elif plan.problem:
-        reasons.append(Reason("mask_unsupported", f"mask {plan.problem}; flash-attn has causal, window and varlen only"))
+        reasons.append(Reason("mask_unsupported",
+                              f"mask {plan.problem}; flash-attn has causal, window and varlen only"))
     score = spec.structured_score
     if score is not None and not isinstance(score, (Softcap, Alibi)):
         reasons.append(Reason("score_unsupported", f"score_mod {score.__name__} has no flash-attn argument "
@@ -199,7 +203,7 @@ def flash_window(plan: MaskPlan, seq_q: int, seq_kv: int) -> tuple[int, int] | s
     shift = 0 if plan.document is not None else seq_kv - seq_q
     left = -1 if plan.lo is None else shift - plan.lo
     right = -1 if plan.hi is None else plan.hi - shift
-    if left < -1 or (plan.lo is not None and left < 0):
+    if plan.lo is not None and left < 0:
         return (f"keys start {-left} after flash-attn's bottom-right diagonal (seq_q {seq_q}, seq_kv {seq_kv}), "
                 "which window_size cannot express")
     if plan.hi is not None and right < 0:
@@ -207,8 +211,8 @@ def flash_window(plan: MaskPlan, seq_q: int, seq_kv: int) -> tuple[int, int] | s
         return (f"{what} with seq_q {seq_q} != seq_kv {seq_kv} is not expressible: flash-attn's causal mask "
                 "is bottom-right aligned (equal only when seq_q == seq_kv)")
     if plan.document is None:
-        left = -1 if left >= seq_kv - 1 else left  # covers every key: unbounded (exact)
-        right = -1 if right >= seq_q - 1 else right
+        left = -1 if left > 0 and left >= seq_kv - 1 else left  # reaches every key: unbounded (exact)
+        right = -1 if right > 0 and right >= seq_q - 1 else right
     return left, right
 
 

@@ -1,0 +1,169 @@
+"""Test doubles for ``flash_attn`` (FA2), ``flash_attn_interface`` (FA3) and ``flash_attn.cute`` (FA4).
+
+They have the libraries' Python signatures (an argument the real function lacks is a TypeError), record
+every call, and compute flash-attn's own semantics in float64: bottom-right causal and windows (with
+FA2's / FA3's clamping of large windows), softcap on the scaled scores, ALiBi ``-slope*|i + Sk - Sq - j|``,
+varlen over ``cu_seqlens``; rows with no key give zeros and ``+inf`` lse, as the CUDA kernels do.
+Dropout is recorded, not applied.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+
+def _flash_math(q, k, v, scale, causal, window, softcap, alibi, clamp):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) fp32."""
+    b, sq, hq, _ = q.shape
+    sk = k.shape[1]
+    left, right = window
+    left, right = (-1 if x is None else x for x in (left, right))
+    if clamp == "fa2":  # csrc/flash_attn/flash_api.cpp
+        left = -1 if left >= sk else left
+        right = -1 if right >= sk else right
+    else:  # hopper/flash_attn_interface.py
+        left = -1 if left >= sk - 1 else left
+        right = -1 if right >= sq - 1 else right
+    if causal:
+        right = 0
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    g = hq // kd.shape[1]
+    kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
+    s = qd @ kd.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq).view(sq, 1)
+    j = torch.arange(sk).view(1, sk)
+    diag = i + sk - sq
+    if alibi is not None:
+        s = s - alibi.double().view(1, hq, 1, 1) * (diag - j).abs()
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= diag - left
+    if right >= 0:
+        keep &= j <= diag + right
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = (p @ vd).transpose(1, 2).to(q.dtype)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    return out, lse.float()
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def record(self, name, args, kwargs):
+        self.calls.append((name, args, kwargs))
+
+    @property
+    def last(self):
+        return self.calls[-1]
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, math_kwargs):
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
+    outs, lses = [], []
+    for n in range(len(cu_q) - 1):
+        a, b_ = int(cu_q[n]), int(cu_q[n + 1])
+        c, d = int(cu_k[n]), int(cu_k[n + 1])
+        assert b_ - a <= max_q and d - c <= max_k
+        o, lse = _flash_math(q[None, a:b_], k[None, c:d], v[None, c:d], **math_kwargs)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)  # (total, H, Dv), (H, total)
+
+
+def make_fa2(version="2.6.3", recorder=None):
+    rec = recorder or Recorder()
+    mod = types.ModuleType("flash_attn")
+    mod.__version__ = version
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        rec.record("flash_attn_func", (q, k, v), dict(
+            dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+            softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+            return_attn_probs=return_attn_probs))
+        assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+        out, lse = _flash_math(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, "fa2")
+        return (out, lse, None) if return_attn_probs else out
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        rec.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                   dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+                        return_attn_probs=return_attn_probs))
+        out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dict(
+            scale=softmax_scale, causal=causal, window=window_size, softcap=softcap, alibi=alibi_slopes,
+            clamp="fa2"))
+        return (out, lse, None) if return_attn_probs else out
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    mod.recorder = rec
+    return mod
+
+
+def make_fa3(recorder=None):
+    rec = recorder or Recorder()
+    mod = types.ModuleType("flash_attn_interface")
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                        pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
+        rec.record("flash_attn_func", (q, k, v), dict(
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            deterministic=deterministic, return_attn_probs=return_attn_probs))
+        out, lse = _flash_math(q, k, v, softmax_scale, causal, window_size, softcap, None, "fa3")
+        return (out, lse) if return_attn_probs else out
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                               seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None,
+                               k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
+                               softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0,
+                               return_attn_probs=False):
+        rec.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                   dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                        deterministic=deterministic, return_attn_probs=return_attn_probs))
+        out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dict(
+            scale=softmax_scale, causal=causal, window=window_size, softcap=softcap, alibi=None, clamp="fa3"))
+        return (out, lse) if return_attn_probs else out
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    mod.recorder = rec
+    return mod
+
+
+def make_fa4(recorder=None):
+    rec = recorder or Recorder()
+    mod = types.ModuleType("flash_attn.cute")
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
+                        softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, mask_mod=None,
+                        return_lse=False):
+        rec.record("flash_attn_func", (q, k, v), dict(
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            deterministic=deterministic, return_lse=return_lse))
+        assert all(x is None or x >= 0 for x in window_size)
+        out, lse = _flash_math(q, k, v, softmax_scale, causal, window_size, softcap, None, "fa3")
+        return out, (lse if return_lse else None)
+
+    mod.flash_attn_func = flash_attn_func
+    mod.recorder = rec
+    return mod
+
+
+def install(monkeypatch, fa2=None, fa3=None, fa4=None):
+    """Put the doubles into ``sys.modules`` (absent ones are made unimportable)."""
+    monkeypatch.setitem(sys.modules, "flash_attn", fa2)
+    monkeypatch.setitem(sys.modules, "flash_attn_3", None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", fa4)
