@@ -8,6 +8,7 @@ reason in the source sentence.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -86,9 +87,10 @@ def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tupl
         return found, f"user cache ({where})"
     trouble = "" if loaded.healthy else f"; {loaded.status}"
     if envs.autotune_on_miss() and not torch.compiler.is_compiling():
-        tuned = _tune_on_miss(kernel, spec, caps, key, path)
+        tuned, why = _tune_on_miss(kernel, spec, caps, key, path)
         if tuned is not None:
-            return tuned
+            return tuned, why
+        trouble += f"; {why}"
     from_shipped = shipped.lookup(kernel, caps.arch, key.dtype, spec.head_dim, spec.head_dim_v)
     if from_shipped is not None:
         config, source = from_shipped
@@ -106,30 +108,37 @@ def _from_entry(entry) -> TileConfig | None:
         return None  # a hand-edited or damaged entry: tuned again / replaced on the next write
 
 
+def _tuning_lock(path: Path, key: TuneKey):
+    """A per-key lock beside the cache file; no lock when the directory is unusable (tuned in memory)."""
+    digest = hashlib.sha1(key.entry.encode()).hexdigest()[:12]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    return filelock.FileLock(str(path.with_name(f".{path.stem}.{digest}.tuning.lock")), timeout=0)
+
+
 def _tune_on_miss(
     kernel: str, spec: AttentionSpec, caps: DeviceCaps, key: TuneKey, path: Path
-) -> tuple[TileConfig, str] | None:
-    """Tune now (``DISPATCHATTN_AUTOTUNE=1``); None when another process is tuning this key or all failed.
+) -> tuple[TileConfig | None, str]:
+    """Tune now (``DISPATCHATTN_AUTOTUNE=1``): (best config, source) or (None, why not).
 
     A per-key lock makes one process of many (e.g. the ranks of a job) tune while the others go on
     with the default instead of all timing the same candidates on a shared GPU.
     """
-    from .tuning import candidates_for, kernel_bench_fn, tune
+    from . import tuning
 
-    digest = hashlib.sha1(key.entry.encode()).hexdigest()[:12]
-    tuning_lock = path.with_name(f".{path.stem}.{digest}.tuning.lock")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(tuning_lock), timeout=0):
-            device = torch.device("cuda", torch.cuda.current_device())
-            bench = kernel_bench_fn(kernel, spec, caps, device)
-            result = tune(kernel, spec, caps, candidates_for(kernel, spec, caps), bench, progress=False)
-    except (filelock.Timeout, OSError):
-        return None  # another process is tuning this key, or the cache directory is unusable
+        with _tuning_lock(path, key):
+            bench = tuning.kernel_bench_fn(kernel, spec, caps)
+            candidates = tuning.candidates_for(kernel, spec, caps)
+            result = tuning.tune(kernel, spec, caps, candidates, bench, progress=False)
+    except filelock.Timeout:
+        return None, "another process is tuning this key"
     except Exception as error:  # e.g. the kernel cannot be imported: tuning is an optimisation only
         logger.warning("dispatchattn autotune of %s failed: %s: %s", key.entry, type(error).__name__, error)
-        return None
+        return None, f"autotune failed: {type(error).__name__}: {error}"
     if not result.succeeded:
-        return None
+        return None, f"autotune failed: all {len(result.timings)} candidates failed"
     logger.info("dispatchattn autotune:\n%s", result.table())
     return result.best, f"tuned now ({result.store_status})"

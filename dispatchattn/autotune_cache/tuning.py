@@ -166,16 +166,20 @@ def make_inputs(spec: AttentionSpec, device: torch.device, seed: int = 0) -> tup
     return tuple(torch.randn(s, generator=generator, device=device, dtype=spec.dtype) for s in shapes)
 
 
-def kernel_bench_fn(kernel: str, spec: AttentionSpec, caps: DeviceCaps, device: torch.device) -> BenchFn:
-    """The real timing function: ``triton.testing.do_bench`` over ``triton_flex_attention`` on a GPU.
+def kernel_bench_fn(
+    kernel: str, spec: AttentionSpec, caps: DeviceCaps, device: torch.device | None = None
+) -> BenchFn:
+    """The real timing function: ``triton.testing.do_bench`` over ``triton_flex_attention`` on a GPU
+    (``device`` defaults to the current CUDA / ROCm device).
 
-    For ``bwd`` the forward runs once with its own selected config and only the backward is timed.
+    For ``bwd`` the forward runs once with the heuristic forward config and only the backward is timed.
     """
     import triton.testing
 
     from ..backends.triton_flex.autograd import triton_flex_attention
     from ..masks import causal
 
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     query, key, value = make_inputs(spec, device)
     mask_mod = spec.mask if spec.mask is not None else (causal() if spec.is_causal else None)
     options = dict(score_mod=spec.score, mask_mod=mask_mod, scale=spec.scale)
