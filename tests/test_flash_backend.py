@@ -1,0 +1,388 @@
+"""flash backend: exact translation (recorded calls on test doubles, float64 numerics) and decision tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakes.flash_doubles import install, make_fa2, make_fa3, make_fa4
+from fakes.reference import attention64
+from packaging.version import Version
+
+import dispatchattn as da
+from dispatchattn.backends.base import AttentionCall
+from dispatchattn.backends.flash import FlashBackend
+from dispatchattn.capabilities import DeviceCaps, Libraries, pretend
+from dispatchattn.spec import AttentionSpec, build_spec
+
+V = Version
+
+
+def libs(fa2="2.8.3", fa3=None, fa4=None):
+    return Libraries(torch=V("2.13"), flash_attn=V(fa2) if fa2 else None,
+                     flash_attn_3=V(fa3) if fa3 else None, flash_attn_4=V(fa4) if fa4 else None)
+
+
+def caps(arch="sm_90", **kw):
+    return DeviceCaps.synthetic(arch, libraries=libs(**kw))
+
+
+def tensors(b, hq, hkv, sq, sk, d, dtype=torch.float16, layout="bhsd", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda h, s: (b, h, s, d)) if layout == "bhsd" else (lambda h, s: (b, s, h, d))
+    return [torch.randn(shape(h, s), generator=g).to(dtype) for h, s in ((hq, sq), (hkv, sk), (hkv, sk))]
+
+
+def run(q, k, v, device_caps, *, layout="bhsd", is_causal=False, mask_mod=None, score_mod=None, dropout_p=0.0,
+        return_lse=True, enable_gqa=False):
+    spec = build_spec(q, k, v, None, dropout_p, is_causal, None, enable_gqa, score_mod=score_mod,
+                      mask_mod=mask_mod, layout=layout, return_lse=return_lse)
+    call = AttentionCall(q, k, v, None, spec.mask, spec.score, spec.head_dim ** -0.5, dropout_p, is_causal,
+                         enable_gqa, return_lse, layout)
+    backend = FlashBackend()
+    assert backend.why_not(spec, device_caps) == []
+    with pretend(device_caps):
+        return backend.run(call, spec)
+
+
+def check(out, lse, q, k, v, keep, score_fn=None, layout="bhsd"):
+    d = q.shape[-1]
+    ref, ref_lse = attention64(q, k, v, scale=d ** -0.5, keep=keep, score_fn=score_fn, layout=layout)
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+    assert not torch.isnan(out).any()
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def ij(sq, sk):
+    return torch.arange(sq).view(sq, 1), torch.arange(sk).view(1, sk)
+
+
+# ---------------------------------------------------------------------------------------------- translation
+@pytest.mark.parametrize("sq,sk", [(77, 77), (40, 100)])
+def test_no_mask(monkeypatch, sq, sk):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(2, 3, 3, sq, sk, 40)
+    out, lse = run(q, k, v, caps())
+    name, args, kw = fa2.recorder.last
+    assert name == "flash_attn_func" and not kw["causal"] and kw["window_size"] == (-1, -1)
+    check(out, lse, q, k, v, None)
+
+
+def test_top_left_causal_square_is_flash_causal(monkeypatch):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(1, 2, 2, 77, 77, 64, seed=1)
+    out, lse = run(q, k, v, caps(), is_causal=True)
+    assert fa2.recorder.last[2]["causal"] is True
+    i, j = ij(77, 77)
+    check(out, lse, q, k, v, j <= i)
+
+
+@pytest.mark.parametrize("mask", [None, da.masks.causal()])
+def test_top_left_causal_rectangular(monkeypatch, mask):
+    """Sq < Sk: not expressible (refused); Sq > Sk: window (-1, Sq-Sk), which FA2 clamps (refused) and FA3 runs."""
+    install(monkeypatch, fa2=make_fa2())
+    kw = dict(is_causal=mask is None, mask_mod=mask)
+    q, k, v = tensors(1, 2, 2, 30, 50, 64)
+    spec = build_spec(q, k, v, None, 0.0, kw["is_causal"], mask_mod=mask)
+    reasons = FlashBackend().why_not(spec, caps())
+    assert [r.code for r in reasons] == ["mask_alignment"] and "bottom-right" in reasons[0]
+    q, k, v = tensors(1, 2, 2, 100, 50, 64, seed=2)
+    spec = build_spec(q, k, v, None, 0.0, kw["is_causal"], mask_mod=mask)
+    assert "window_clamped" in [r.code for r in FlashBackend().why_not(spec, caps("sm_80"))]
+    fa3 = make_fa3()
+    install(monkeypatch, fa3=fa3)
+    out, lse = run(q, k, v, caps(fa2=None, fa3="3.0.0"), **kw)
+    assert fa3.recorder.last[2]["window_size"] == (-1, 50)
+    i, j = ij(100, 50)
+    check(out, lse, q, k, v, j <= i)
+
+
+@pytest.mark.parametrize("sq,sk", [(40, 100), (100, 40)])
+def test_bottom_right_causal_and_empty_rows(monkeypatch, sq, sk):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(2, 2, 2, sq, sk, 32, seed=3)
+    out, lse = run(q, k, v, caps(), mask_mod=da.masks.causal(bottom_right=True))
+    assert fa2.recorder.last[2]["causal"] is True
+    i, j = ij(sq, sk)
+    check(out, lse, q, k, v, j <= i + sk - sq)
+    if sq > sk:  # rows with no key: zeros and -inf, never +inf or NaN
+        assert torch.isneginf(lse[:, :, : sq - sk]).all() and (out[:, :, : sq - sk] == 0).all()
+
+
+@pytest.mark.parametrize("left,right,causal,window", [
+    (16, 0, True, (16, 0)), (8, 4, False, (8, 4)), (5, 0, False, (5, 0)), (200, 3, False, (-1, 3)),
+])
+def test_sliding_window(monkeypatch, left, right, causal, window):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    mask = da.masks.sliding_window(left, right) & da.masks.causal() if causal else da.masks.sliding_window(left, right)
+    q, k, v = tensors(1, 2, 2, 77, 77, 48, layout="bshd", seed=4)
+    out, lse = run(q, k, v, caps(), mask_mod=mask, layout="bshd")
+    kw = fa2.recorder.last[2]
+    assert kw["window_size"] == window and not kw["causal"]
+    i, j = ij(77, 77)
+    keep = (j >= i - left) & (j <= i + right) & ((j <= i) if causal else True)
+    check(out, lse, q, k, v, keep, layout="bshd")
+
+
+def test_window_needs_2_3(monkeypatch):
+    q, k, v = tensors(1, 2, 2, 16, 16, 32)
+    spec = build_spec(q, k, v, mask_mod=da.masks.sliding_window(4))
+    reasons = FlashBackend().why_not(spec, caps(fa2="2.2.5"))
+    assert [r.code for r in reasons] == ["window_too_old"] and ">= 2.3.0" in reasons[0]
+
+
+def test_window_rectangular_bottom_right_translation(monkeypatch):
+    fa3 = make_fa3()
+    install(monkeypatch, fa3=fa3)
+    q, k, v = tensors(1, 2, 2, 30, 70, 64, seed=5)
+    mask = da.masks.sliding_window(20, 50)
+    out, lse = run(q, k, v, caps(fa2=None, fa3="3.0.0"), mask_mod=mask)
+    assert fa3.recorder.last[2]["window_size"] == (60, 10)
+    i, j = ij(30, 70)
+    check(out, lse, q, k, v, (j >= i - 20) & (j <= i + 50))
+
+
+def test_softcap(monkeypatch):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(1, 4, 2, 33, 33, 64, seed=6)
+    q = q * 4
+    out, lse = run(q, k, v, caps(), is_causal=True, score_mod=da.scores.softcap(2.5), enable_gqa=True)
+    kw = fa2.recorder.last[2]
+    assert kw["softcap"] == 2.5 and kw["causal"]
+    i, j = ij(33, 33)
+    check(out, lse, q, k, v, j <= i, score_fn=lambda s, h, i, j: 2.5 * torch.tanh(s / 2.5))
+
+
+@pytest.mark.parametrize("sq,sk,mask", [(50, 50, None), (30, 64, da.masks.causal(bottom_right=True))])
+def test_alibi_under_causal(monkeypatch, sq, sk, mask):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    q, k, v = tensors(2, 4, 4, sq, sk, 32, seed=7)
+    out, lse = run(q, k, v, caps(), is_causal=mask is None, mask_mod=mask, score_mod=da.scores.alibi(slopes))
+    kw = fa2.recorder.last[2]
+    assert kw["causal"] and torch.equal(kw["alibi_slopes"], slopes) and kw["alibi_slopes"].dtype == torch.float32
+    i, j = ij(sq, sk)
+    check(out, lse, q, k, v, j <= i + sk - sq,
+          score_fn=lambda s, h, i, j: s + slopes.double().view(1, -1, 1, 1) * (j - i))
+
+
+def test_alibi_without_causal_is_refused():
+    q, k, v = tensors(1, 2, 2, 16, 16, 32)
+    spec = build_spec(q, k, v, score_mod=da.scores.alibi(torch.tensor([0.5, 0.25])))
+    reasons = FlashBackend().why_not(spec, caps())
+    assert [r.code for r in reasons] == ["alibi_not_causal"] and "signed" in reasons[0]
+
+
+def _doc_ids():
+    return torch.tensor([0] * 7 + [1] * 20 + [2] * 3 + [3] * 30)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_document_varlen(monkeypatch, causal, batched):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    ids = _doc_ids()
+    if batched:
+        ids = torch.stack([ids, torch.tensor([5] * 40 + [6] * 20)])
+    mask = da.masks.document(ids) & da.masks.causal() if causal else da.masks.document(ids)
+    q, k, v = tensors(2, 4, 2, 60, 60, 40, seed=8)
+    out, lse = run(q, k, v, caps(), mask_mod=mask, enable_gqa=True)
+    name, args, kw = fa2.recorder.last
+    assert name == "flash_attn_varlen_func" and kw["causal"] is causal
+    cu = args[3]
+    assert cu.dtype == torch.int32
+    expected = [0, 7, 27, 30, 60, 67, 87, 90, 120] if not batched else [0, 7, 27, 30, 60, 100, 120]
+    assert cu.tolist() == expected and args[5] == max(b - a for a, b in zip(expected, expected[1:]))
+    ids2 = ids.reshape(-1, 60).expand(2, 60)
+    keep = (ids2[:, None, :, None] == ids2[:, None, None, :])
+    if causal:
+        i, j = ij(60, 60)
+        keep = keep & (j <= i)
+    check(out, lse, q, k, v, keep)
+
+
+def test_document_non_contiguous(monkeypatch):
+    """Runs of one id split apart: gathered into one run (exact for order-only masks), refused with a clear
+    error when the mask depends on distances."""
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    ids = torch.tensor([0] * 10 + [1] * 15 + [0] * 12 + [2] * 8)
+    q, k, v = tensors(1, 2, 2, 45, 45, 32, seed=9)
+    out, lse = run(q, k, v, caps(), mask_mod=da.masks.document(ids) & da.masks.causal())
+    assert fa2.recorder.last[1][3].tolist() == [0, 22, 37, 45]
+    i, j = ij(45, 45)
+    check(out, lse, q, k, v, (ids[:, None] == ids[None, :]) & (j <= i))
+    with pytest.raises(ValueError, match="contiguous run"):
+        run(q, k, v, caps(), mask_mod=da.masks.document(ids) & da.masks.sliding_window(4))
+
+
+def test_layout_views_are_passed_without_copies(monkeypatch):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    for layout in ("bhsd", "bshd"):
+        q, k, v = tensors(2, 2, 2, 20, 20, 32, layout=layout)
+        out, _ = run(q, k, v, caps(), layout=layout, return_lse=False)
+        args, kw = fa2.recorder.last[1:]
+        assert all(a.data_ptr() == t.data_ptr() for a, t in zip(args, (q, k, v)))
+        assert args[0].shape == (2, 20, 2, 32) and out.shape == q.shape and not kw["return_attn_probs"]
+
+
+def test_dropout_goes_to_fa2_not_fa3(monkeypatch):
+    fa2, fa3 = make_fa2(), make_fa3()
+    install(monkeypatch, fa2=fa2, fa3=fa3)
+    q, k, v = tensors(1, 2, 2, 16, 16, 64)
+    run(q, k, v, caps(fa3="3.0.0"), dropout_p=0.1, return_lse=False)
+    assert fa2.recorder.last[2]["dropout_p"] == 0.1 and not fa3.recorder.calls
+    run(q, k, v, caps(fa3="3.0.0"), return_lse=False)
+    assert fa3.recorder.calls, "without dropout FA3 is preferred on sm_90"
+    spec = build_spec(q, k, v, None, 0.1)
+    reasons = FlashBackend().why_not(spec, caps(fa2=None, fa3="3.0.0"))
+    assert [r.code for r in reasons] == ["no_dropout"]
+
+
+def test_fa4_window_uses_none_for_unbounded(monkeypatch):
+    fa4 = make_fa4()
+    install(monkeypatch, fa4=fa4)
+    q, k, v = tensors(1, 2, 2, 64, 64, 64, seed=10)
+    out, lse = run(q, k, v, caps("sm_100", fa2=None, fa4="4.0.0b8"), mask_mod=da.masks.sliding_window(10, 3))
+    assert fa4.recorder.last[2]["window_size"] == (10, 3) and fa4.recorder.last[2]["return_lse"]
+    i, j = ij(64, 64)
+    check(out, lse, q, k, v, (j >= i - 10) & (j <= i + 3))
+
+
+def test_deterministic_backward(monkeypatch):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(1, 2, 2, 16, 16, 64)
+    q.requires_grad_()
+    torch.use_deterministic_algorithms(True)
+    try:
+        spec = build_spec(q, k, v)
+        assert [r.code for r in FlashBackend().why_not(spec, caps(fa2="2.4.0"))] == ["deterministic_too_old"]
+        run(q, k, v, caps(), return_lse=False)
+        assert fa2.recorder.last[2]["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------------------------------- decision tables
+CUDA_FA2 = {"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"}
+ROCM_CK = {"gfx90a", "gfx942", "gfx950"}
+ALL_ARCHS = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120",
+             "gfx90a", "gfx942", "gfx950", "gfx1100"]
+
+
+def spec_for(dtype=torch.float16, hd=128, **kw):
+    base = dict(batch=2, heads_q=8, heads_kv=8, seq_q=512, seq_kv=512, head_dim=hd, head_dim_v=hd, dtype=dtype,
+                device_type="cuda")
+    return AttentionSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hd", [64, 100, 256, 320])
+def test_decision_arch_dtype_head_dim(arch, dtype, hd):
+    ok = (arch in CUDA_FA2 or arch in ROCM_CK) and dtype != torch.float32 and hd <= 256
+    reasons = FlashBackend().why_not(spec_for(dtype, hd), caps(arch))
+    assert (reasons == []) is ok, reasons
+    if hd == 320:
+        assert "head_dim 320 exceeds 256, the flash-attn 2.8.3 limit" in reasons
+    if arch == "sm_75":
+        assert "flash-attn 2.8.3 FA2 needs sm_80+, device is sm_75 (T4)" in reasons
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decision_rocm_triton(monkeypatch, arch, dtype):
+    monkeypatch.setenv("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+    ok = arch.startswith("gfx") or (arch in CUDA_FA2 and dtype != torch.float32)  # the variable is ROCm-only
+    assert (FlashBackend().why_not(spec_for(dtype, 64), caps(arch)) == []) is ok
+    softcap = spec_for(score=da.scores.softcap(30.0), is_causal=True)
+    if arch.startswith("gfx"):
+        assert [r.code for r in FlashBackend().why_not(softcap, caps(arch))] == ["no_softcap"]
+
+
+# (feature spec, arch, libraries) -> routes to flash?
+def _alibi():
+    return da.scores.alibi(torch.ones(8))
+
+
+FEATURES = {
+    "causal": dict(is_causal=True),
+    "dropout": dict(dropout_p=0.1),
+    "window": dict(mask=da.masks.sliding_window(64) & da.masks.causal()),
+    "softcap": dict(score=da.scores.softcap(30.0)),
+    "alibi_causal": dict(score=_alibi(), is_causal=True),
+    "alibi_noncausal": dict(score=_alibi()),
+    "document": dict(mask=da.masks.document(torch.zeros(512, dtype=torch.long))),
+    "prefix_lm": dict(mask=da.masks.prefix_lm(16)),
+    "opaque_lambda": dict(mask=lambda b, h, q, kv: q >= kv),
+    "dense_mask": dict(attn_mask=("bool", (2, 8, 512, 512))),
+    "grad": dict(requires_grad=True),
+    "lse": dict(return_lse=True),
+}
+# feature -> (sm_80 FA2 2.8.3, sm_90 FA3 only, sm_100 FA4 only, gfx942 CK 2.8.3, sm_86 FA2 2.5.0)
+EXPECTED = {
+    "causal": (1, 1, 1, 1, 1),
+    "dropout": (1, 0, 0, 1, 1),
+    "window": (1, 1, 1, 1, 1),
+    "softcap": (1, 1, 1, 0, 0),
+    "alibi_causal": (1, 0, 0, 1, 1),
+    "alibi_noncausal": (0, 0, 0, 0, 0),
+    "document": (1, 1, 1, 1, 1),
+    "prefix_lm": (0, 0, 0, 0, 0),
+    "opaque_lambda": (0, 0, 0, 0, 0),
+    "dense_mask": (0, 0, 0, 0, 0),
+    "grad": (1, 1, 1, 1, 1),
+    "lse": (1, 1, 1, 1, 1),
+}
+DEVICES = [("sm_80", dict()), ("sm_90", dict(fa2=None, fa3="3.0.0")), ("sm_100", dict(fa2=None, fa4="4.0.0")),
+           ("gfx942", dict()), ("sm_86", dict(fa2="2.5.0"))]
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("device", range(len(DEVICES)))
+def test_decision_features(feature, device):
+    arch, lib = DEVICES[device]
+    reasons = FlashBackend().why_not(spec_for(**FEATURES[feature]), caps(arch, **lib))
+    assert (reasons == []) is bool(EXPECTED[feature][device]), reasons
+    assert all(isinstance(r, str) and r.code and len(r) > 20 for r in reasons)
+
+
+def test_opaque_and_dense_sentences():
+    reasons = FlashBackend().why_not(spec_for(**FEATURES["opaque_lambda"]), caps())
+    assert reasons == ["an arbitrary score_mod/mask_mod cannot be expressed as flash-attn arguments "
+                       "(use da.masks / da.scores objects)"]
+
+
+@pytest.mark.parametrize("arch,hd,dropout,grad,ok", [
+    ("sm_86", 256, 0.1, True, False), ("sm_86", 256, 0.0, True, True), ("sm_89", 224, 0.1, True, False),
+    ("sm_86", 256, 0.1, False, True), ("sm_80", 256, 0.1, True, True), ("sm_120", 256, 0.1, True, False),
+    ("sm_86", 192, 0.1, True, True),
+])
+def test_consumer_gpu_backward_head_dim(arch, hd, dropout, grad, ok):
+    reasons = FlashBackend().why_not(spec_for(hd=hd, dropout_p=dropout, requires_grad=grad), caps(arch))
+    assert (reasons == []) is ok, reasons
+
+
+def test_fa4_sm100_head_dim_and_fallback_to_fa2():
+    big = spec_for(hd=256)
+    assert [r.code for r in FlashBackend().why_not(big, caps("sm_100", fa2=None, fa4="4.0.0"))] == [
+        "head_dim_too_large"]
+    impl, _, _ = FlashBackend().choose(big, caps("sm_100", fa4="4.0.0"))
+    assert impl.key == "fa2"
+
+
+def test_not_installed_and_cpu():
+    assert [r.code for r in FlashBackend().why_not(spec_for(), caps(fa2=None))] == ["not_installed"]
+    assert [r.code for r in FlashBackend().why_not(spec_for(device_type="cpu"), caps("cpu"))] == [
+        "device_unsupported"]
+    assert [r.code for r in FlashBackend().why_not(spec_for(), caps(fa2="2.0.9"))] == ["version_too_old"]
