@@ -1,0 +1,201 @@
+"""Config space, resource pruning sentences, heuristic defaults, shipped defaults and the cache key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dispatchattn as da
+from dispatchattn.autotune_cache import (
+    TileConfig,
+    config_space,
+    estimate_resources,
+    heuristic_config,
+    make_key,
+    shipped,
+    why_config_invalid,
+)
+from dispatchattn.autotune_cache import key as key_module
+from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps
+from dispatchattn.spec import AttentionSpec
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+# --- why_config_invalid ---------------------------------------------------------------------------------
+
+
+def test_shared_memory_sentence_names_value_limit_and_arch():
+    sentence = why_config_invalid("fwd", TileConfig(128, 128, 4, 3), "sm_86", torch.float16, 128, 128)
+    assert sentence == "fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 196,608 B shared memory > 101,376 B on sm_86"
+    assert why_config_invalid("fwd", TileConfig(128, 128, 8, 3), "sm_90", torch.float16, 128, 128) is None
+
+
+def test_register_sentence():
+    sentence = why_config_invalid("fwd", TileConfig(128, 128, 4, 1), "sm_90", torch.float16, 256, 256)
+    assert sentence.startswith("fwd BLOCK_M=128 BLOCK_N=128 D=256 warps=4 needs ~416 registers per thread > 255")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "config", "arch", "expected"),
+    [
+        ("bwd", TileConfig(64, 32), "sm_90", "bwd BLOCK_N=32 must be a multiple of BLOCK_M=64"),
+        ("fwd", TileConfig(8, 64), "sm_90", "BLOCK_M=8 must be a power of two >= 16"),
+        ("fwd", TileConfig(64, 96), "sm_90", "BLOCK_N=96 must be a power of two >= 16"),
+        ("fwd", TileConfig(64, 64, num_warps=3), "sm_90", "num_warps=3 must be one of"),
+        ("fwd", TileConfig(64, 64, waves_per_eu=2), "sm_80", "waves_per_eu / matrix_instr_nonkdim / kpack are AMD"),
+        ("fwd", TileConfig(64, 64), "sm_61", "arch 'sm_61' is not in the arch table"),
+        ("side", TileConfig(64, 64), "sm_90", "kernel 'side' is not one of"),
+    ],
+)
+def test_shape_sentences(kernel, config, arch, expected):
+    assert why_config_invalid(kernel, config, arch, torch.float16, 64, 64).startswith(expected)
+
+
+def test_estimate_grows_with_stages_head_dim_and_dtype():
+    base = estimate_resources("fwd", TileConfig(64, 64, 4, 2), torch.float16, 64, 64)
+    assert estimate_resources("fwd", TileConfig(64, 64, 4, 3), torch.float16, 64, 64).shared_memory > base.shared_memory
+    assert estimate_resources("fwd", TileConfig(64, 64, 4, 2), torch.float16, 96, 96).shared_memory == (
+        estimate_resources("fwd", TileConfig(64, 64, 4, 2), torch.float16, 128, 128).shared_memory
+    )  # head dims are padded to a power of two
+    fp32 = estimate_resources("fwd", TileConfig(64, 64, 4, 2), torch.float32, 64, 64)
+    assert fp32.shared_memory == 2 * base.shared_memory
+    assert estimate_resources("bwd", TileConfig(64, 64, 4, 2), torch.float16, 128, 128).shared_memory == 131072
+
+
+# --- config space -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", AOT_TARGETS)
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_space_is_valid_per_vendor(arch, kernel):
+    space = config_space(kernel, arch, torch.bfloat16, 128, 128)
+    assert space and len(space) == len(set(space)) and len(space) <= 64
+    assert all(why_config_invalid(kernel, c, arch, torch.bfloat16, 128, 128) is None for c in space)
+    if ARCHS[arch].vendor == "rocm":
+        assert {c.num_stages for c in space} == {1}
+    else:
+        assert all(c.waves_per_eu == 0 and c.matrix_instr_nonkdim == 0 and c.kpack == 1 for c in space)
+    if kernel == "bwd":
+        assert all(c.block_n % c.block_m == 0 for c in space)
+
+
+def test_space_rocm_sweeps_amd_knobs_and_accepts_caps():
+    space = config_space("fwd", DeviceCaps.synthetic("gfx942"), torch.float16, 64, 64)
+    assert {c.waves_per_eu for c in space} == {0, 2} and {c.matrix_instr_nonkdim for c in space} == {0, 16}
+
+
+def test_space_is_pruned_by_the_smaller_shared_memory():
+    h100 = config_space("fwd", "sm_90", torch.float16, 128, 128)
+    rtx = config_space("fwd", "sm_86", torch.float16, 128, 128)
+    assert set(rtx) < set(h100)
+    assert TileConfig(128, 128, 8, 3) in h100 and TileConfig(128, 128, 8, 3) not in rtx
+    fwd, bwd = (config_space(kernel, "sm_90", torch.float16, 256, 256) for kernel in ("fwd", "bwd"))
+    assert fwd != bwd
+
+
+# --- heuristic ------------------------------------------------------------------------------------------
+
+
+def test_heuristic_follows_flexattention_tables():
+    # KERNEL_NOTES section 4: H100 f16 d64 128,128,3,4; d128 128,64,3,8; A100 f16 d64 128,64,3,4.
+    assert heuristic_config("fwd", "sm_90", torch.float16, 64) == TileConfig(128, 128, 4, 3)
+    assert heuristic_config("fwd", "sm_90", torch.bfloat16, 128) == TileConfig(128, 64, 8, 3)
+    assert heuristic_config("fwd", "sm_80", torch.float16, 64) == TileConfig(128, 64, 4, 3)
+    assert heuristic_config("bwd", "sm_90", torch.float16, 128) == TileConfig(64, 128, 8, 3)
+    assert heuristic_config("fwd", "gfx942", torch.float16, 128) == TileConfig(128, 64, 8, 1, 0, 0, 2)
+
+
+def test_heuristic_shrinks_to_fit_small_shared_memory():
+    # The sm_8x backward default (64x64, 2 stages) needs 131,072 B at D=128: too much for a 99 KB GPU.
+    config = heuristic_config("bwd", "sm_89", torch.float16, 128)
+    assert config == TileConfig(64, 64, 4, 1)
+    assert why_config_invalid("bwd", config, "sm_89", torch.float16, 128, 128) is None
+
+
+@pytest.mark.parametrize("arch", AOT_TARGETS)
+def test_heuristic_is_valid_for_half_precision_everywhere(arch):
+    for kernel in ("fwd", "bwd"):
+        for dtype in HALF:
+            for head_dim in (32, 64, 96, 128, 256):
+                config = heuristic_config(kernel, arch, dtype, head_dim)
+                assert why_config_invalid(kernel, config, arch, dtype, head_dim, head_dim) is None
+
+
+# --- shipped defaults ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", AOT_TARGETS)
+def test_shipped_defaults_exist_are_honest_and_valid(target):
+    path = shipped.DEFAULTS_DIR / f"{target}.json"
+    document = json.loads(path.read_text())
+    assert shipped.store.why_document_invalid(document) is None
+    assert {"device", "date", "dispatchattn", "triton", "how"} <= set(document["produced"])
+    if not document["measured"]:
+        assert document["source"] == "heuristic (FlexAttention defaults table), not timed on hardware"
+        assert shipped.same_configs(document, shipped.heuristic_document(target)), "run shipped --write"
+    for kernel in ("fwd", "bwd"):
+        for dtype in ("float16", "bfloat16"):
+            for head_dim in (64, 128):
+                assert shipped.entry_name(kernel, dtype, head_dim, head_dim) in document["tile_configs"]
+    for name, entry in document["tile_configs"].items():
+        kernel, dtype, dims = name.split()
+        head_dim, head_dim_v = (int(d) for d in dims.removeprefix("d").split("/"))
+        config = TileConfig.from_dict(entry["config"])
+        assert why_config_invalid(kernel, config, target, getattr(torch, dtype), head_dim, head_dim_v) is None, name
+
+
+def test_shipped_source_sentence():
+    config, source = shipped.lookup("fwd", "sm_90", "bfloat16", 128, 128)
+    assert source.startswith("shipped default (not measured) for sm_90")
+    assert shipped.lookup("fwd", "sm_75", "bfloat16", 128, 128) is None
+
+
+def test_write_heuristic_defaults_keeps_measured_files(tmp_path):
+    measured = {**shipped.heuristic_document("sm_90"), "measured": True}
+    (tmp_path / "sm_90.json").write_text(json.dumps(measured))
+    written = shipped.write_heuristic_defaults(tmp_path)
+    assert tmp_path / "sm_90.json" not in written and len(written) == len(AOT_TARGETS) - 1
+    assert json.loads((tmp_path / "sm_90.json").read_text())["measured"] is True
+    assert shipped.write_heuristic_defaults(tmp_path) == []  # nothing changed
+
+
+# --- cache key ------------------------------------------------------------------------------------------
+
+
+def spec(**overrides) -> AttentionSpec:
+    fields = dict(batch=1, heads_q=8, heads_kv=8, seq_q=3000, seq_kv=3000, head_dim=64, head_dim_v=64,
+                  dtype=torch.bfloat16, device_type="cuda")
+    return AttentionSpec(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "mask_class"),
+    [
+        ({}, "dense"),
+        ({"mask": da.masks.full()}, "dense"),
+        ({"is_causal": True}, "causal"),
+        ({"mask": da.masks.causal()}, "causal"),
+        ({"mask": da.masks.sliding_window(256) & da.masks.causal()}, "sparse:1/8"),
+        ({"mask": da.masks.prefix_lm(2900)}, "dense"),
+        ({"mask": da.masks.prefix_lm(64)}, "sparse:1/2"),
+        ({"mask": da.masks.document(torch.arange(3000) // 500)}, "sparse:unknown"),
+        ({"mask": lambda b, h, q, kv: q >= kv}, "sparse:unknown"),
+    ],
+)
+def test_mask_class(overrides, mask_class):
+    assert key_module.mask_class(spec(**overrides)) == mask_class
+
+
+def test_key_fields_and_file_name():
+    caps = DeviceCaps.synthetic("sm_90", device_name="NVIDIA H100 80GB HBM3")
+    key = make_key("bwd", spec(heads_kv=2, enable_gqa=True, seq_kv=70000), caps)
+    assert key.entry == "bwd bfloat16 d64/64 gqa4 dense q4096 kv131072"
+    versions = f"triton-{caps.libraries.triton}_dispatchattn-{da.__version__}"
+    assert key.file_name == f"sm_90-nvidia-h100-80gb-hbm3/{versions}.json"
+    assert [key_module.seq_bucket(n) for n in (1, 16, 17, 1024, 1025)] == [16, 16, 32, 1024, 2048]
+    assert [key_module.density_bucket(d) for d in (1.0, 0.6, 0.3, 0.2, 0.01, 0.0)] == [
+        "dense", "sparse:1/2", "sparse:1/2", "sparse:1/4", "sparse:1/64", "sparse:1/64",
+    ]
