@@ -22,22 +22,20 @@ import hashlib
 import inspect
 import json
 import os
-import pickle
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from ...autotune_cache.config import TileConfig
 from ...capabilities import ARCHS, ArchInfo
 from ...paths import cache_root
+from .aot_compile import JIT_MARKER, compile_in_workers
 
 FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
 MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_WORKER = _PACKAGE_DIR / "aot_compile.py"
-_WORKER_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -73,12 +71,17 @@ class AotJob:
             "options": self.options(),
         }
 
+    def source_files(self) -> list[str]:
+        """The kernel's file and the files of every ``@triton.jit`` function passed as a constant."""
+        refs = [v for v in self.constexprs.values() if isinstance(v, tuple) and v[:1] == (JIT_MARKER,)]
+        return [self.fn_ref[1], *(ref[2] for ref in refs)]
+
     def cache_key(self) -> str:
         constants = sorted((str(k), repr(v)) for k, v in self.constexprs.items())
         parts = [
             FORMAT_VERSION,
             _triton_version(),
-            _source_hash(self.fn_ref[1]),
+            _source_hash(self.source_files()),
             self.fn_ref[0],
             self.fn_ref[2],
             sorted(self.signature.items()),
@@ -139,9 +142,7 @@ class AotRecord:
 
 def _describe(record: AotRecord) -> str:
     cfg = record.tile
-    dims = f"D={record.head_dim}" + (
-        f" Dv={record.head_dim_v}" if record.head_dim_v != record.head_dim else ""
-    )
+    dims = f"D={record.head_dim}" + (f" Dv={record.head_dim_v}" if record.head_dim_v != record.head_dim else "")
     tile = f"BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} {dims} warps={cfg.num_warps} stages={cfg.num_stages}"
     text = f"{record.kernel} {tile}"
     return f"{text} {record.dtype}" + (f" ({record.variant})" if record.variant != "plain" else "")
@@ -167,9 +168,7 @@ def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]
         )
     expected = arch.matrix_instr if record.dtype in ("bf16", "fp16") else None
     if expected and record.matrix_instr != expected:
-        reasons.append(
-            f"{what} uses {record.matrix_instr} instead of {expected} matrix instructions on {where}"
-        )
+        reasons.append(f"{what} uses {record.matrix_instr} instead of {expected} matrix instructions on {where}")
     return reasons
 
 
@@ -217,13 +216,16 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def _digest(path: Path) -> str:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"  # the compile will fail and say so
     return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _source_hash(kernel_file: str) -> str:
-    """Hash of the kernel's own file and of every module of this package (helpers, codegen, this checker)."""
-    files = sorted({Path(kernel_file).resolve(), *_PACKAGE_DIR.glob("*.py")})
+def _source_hash(kernel_files: list[str]) -> str:
+    """Hash of the kernel's files and of every module of this package (helpers, codegen, this checker)."""
+    files = sorted({*(Path(f).resolve() for f in kernel_files), *_PACKAGE_DIR.glob("*.py")})
     return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
 
 
@@ -263,45 +265,14 @@ def fn_ref(jit_fn) -> tuple[str, str, str]:
     return fn.__module__, inspect.getsourcefile(fn), fn.__name__
 
 
-def _run_chunk(payloads: list[dict], workdir: Path, index: int) -> subprocess.Popen:
-    jobs_path = workdir / f"jobs{index}.pkl"
-    jobs_path.write_bytes(pickle.dumps(payloads))
-    package_root = str(_PACKAGE_DIR.parents[2])
-    argv = [sys.executable, str(_WORKER), package_root, str(jobs_path), str(workdir / f"results{index}.pkl")]
-    stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+def portable_constexprs(constexprs: dict) -> dict:
+    """``constexprs`` with each ``@triton.jit`` function replaced by a reference the worker imports."""
+    from triton.runtime.jit import KernelInterface
 
-
-def _compile_payloads(payloads: list[dict], workers: int) -> list[dict]:
-    """Compile in ``workers`` clean processes; a job whose worker died gets an ``error`` result."""
-    workers = max(1, min(workers, len(payloads)))
-    chunks = [list(range(i, len(payloads), workers)) for i in range(workers)]
-    results: list[dict] = [{} for _ in payloads]
-    with tempfile.TemporaryDirectory(prefix="dispatchattn-aot-") as tmp:
-        workdir = Path(tmp)
-        procs = [_run_chunk([payloads[j] for j in chunk], workdir, i) for i, chunk in enumerate(chunks)]
-        for i, (proc, chunk) in enumerate(zip(procs, chunks)):
-            try:
-                code = proc.wait(timeout=_WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            proc.stderr.close() if proc.stderr else None
-            path = workdir / f"results{i}.pkl"
-            done = pickle.loads(path.read_bytes()) if path.exists() else []
-            tail = (workdir / f"stderr{i}.txt").read_text()[-300:].strip()
-            for pos, j in enumerate(chunk):
-                crashed = {"error": f"worker exited ({code}): {tail}", "transient": True}
-                results[j] = done[pos] if pos < len(done) else crashed
-    return results
-
-
-def default_workers() -> int:
-    """Compile processes to start: the CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return {
+        key: (JIT_MARKER, *fn_ref(value)) if isinstance(value, KernelInterface) else value
+        for key, value in constexprs.items()
+    }
 
 
 def compile_jobs(jobs: list[AotJob], workers: int | None = None, use_cache: bool = True) -> list[AotRecord]:
@@ -309,9 +280,97 @@ def compile_jobs(jobs: list[AotJob], workers: int | None = None, use_cache: bool
     results = [_load_cached(job) if use_cache else None for job in jobs]
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
-        fresh = _compile_payloads([jobs[i].payload() for i in missing], workers or default_workers())
+        fresh = compile_in_workers([jobs[i].payload() for i in missing], workers)
         for i, result in zip(missing, fresh):
             results[i] = result
             if not result.pop("transient", False):
                 _store(jobs[i], result)
     return [record_from_result(job, result) for job, result in zip(jobs, results)]
+
+
+# --- the triton_flex kernels -------------------------------------------------------------------------
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def variant_name(mask_mod=None, score_mod=None) -> str:
+    """ "plain", or the mods' names joined: "causal", "sliding_window_256+softcap_30"."""
+    names = [getattr(mod, "__name__", type(mod).__name__) for mod in (mask_mod, score_mod) if mod is not None]
+    return "+".join(names) or "plain"
+
+
+def make_job(
+    kernel: str,
+    config: TileConfig,
+    target: str,
+    dtype: str | torch.dtype = "bf16",
+    head_dim: int = 128,
+    head_dim_v: int | None = None,
+    *,
+    mask_mod=None,
+    score_mod=None,
+    variant: str | None = None,
+    **flags,
+) -> AotJob:
+    """The compile job of ``kernel`` of the generated (``score_mod``, ``mask_mod``) variant on ``target``."""
+    from . import codegen, kernels
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    generated = codegen.generate(score_mod, mask_mod)
+    jit_fn, signature, constexprs = kernels.aot_entry(
+        kernel, generated, torch_dtype, head_dim, head_dim_v, config, **flags
+    )
+    return AotJob(
+        kernel=kernel,
+        variant=variant or variant_name(mask_mod, score_mod),
+        target=target,
+        config=config,
+        dtype=DTYPE_NAMES[torch_dtype],
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        fn_ref=fn_ref(jit_fn),
+        signature=dict(signature),
+        constexprs=portable_constexprs(constexprs),
+    )
+
+
+def compile_report(
+    kernel: str,
+    config: TileConfig,
+    target: str,
+    dtype: str | torch.dtype = "bf16",
+    head_dim: int = 128,
+    head_dim_v: int | None = None,
+    *,
+    mask_mod=None,
+    score_mod=None,
+    use_cache: bool = True,
+    **flags,
+) -> AotRecord:
+    """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources.
+
+    >>> from dispatchattn.autotune_cache.config import TileConfig
+    >>> record = compile_report("fwd", TileConfig(128, 64, 8, 3), "sm_90", "bf16", 128)  # doctest: +SKIP
+    >>> record.matrix_instr, record.fits  # doctest: +SKIP
+    ('wgmma', True)
+    """
+    job = make_job(kernel, config, target, dtype, head_dim, head_dim_v, mask_mod=mask_mod, score_mod=score_mod, **flags)
+    return compile_jobs([job], workers=1, use_cache=use_cache)[0]
+
+
+def check_config(
+    kernel: str,
+    config: TileConfig,
+    target: str,
+    dtype: str | torch.dtype,
+    head_dim: int,
+    head_dim_v: int | None = None,
+    **kwargs,
+) -> AotRecord:
+    """The measured record of ``config`` for ``kernel`` on ``target`` (plain variant unless mods are given).
+
+    ``record.fits`` says whether the config may ship there; ``reject_reason(record)`` says why not.
+    """
+    return compile_report(kernel, config, target, dtype, head_dim, head_dim_v, **kwargs)

@@ -28,6 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+#: A ``tl.constexpr`` that is itself a ``@triton.jit`` function (a generated score_mod / mask_mod) travels to
+#: the worker as ``(JIT_MARKER, module, file, name)`` and is imported there.
+JIT_MARKER = "triton.jit"
+
+_WORKER_TIMEOUT_S = 900
+
 # Matrix-instruction families, most specific first, and the mnemonics that identify them.
 MATRIX_FAMILIES: tuple[tuple[str, str], ...] = (
     ("tcgen05", r"tcgen05\.mma[\w.:]*"),
@@ -82,9 +88,7 @@ def _nvidia_resources(compiled) -> dict:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         tool = triton.knobs.nvidia.cuobjdump.path
-        dump = subprocess.run(
-            [tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
-        )
+        dump = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True)
     usage = parse_cuobjdump(dump.stdout)
     family, mnemonics = matrix_instructions(compiled.asm["ptx"])
     return {
@@ -133,6 +137,14 @@ def load_function(module: str, path: str, name: str):
     return getattr(loaded, name)
 
 
+def resolve_constexprs(constexprs: dict) -> dict:
+    """Constants with every ``(JIT_MARKER, module, file, name)`` reference replaced by the loaded function."""
+    return {
+        key: load_function(*value[1:]) if isinstance(value, tuple) and value[:1] == (JIT_MARKER,) else value
+        for key, value in constexprs.items()
+    }
+
+
 def _error_line(exc: Exception) -> str:
     """The exception's type and last non-empty message line (compiler errors end with the useful line)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -150,7 +162,8 @@ def compile_one(job: dict) -> dict:
     start = time.perf_counter()
     try:
         fn = load_function(*job["ref"])
-        source = triton.compiler.ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
+        constexprs = resolve_constexprs(job["constexprs"])
+        source = triton.compiler.ASTSource(fn=fn, signature=job["signature"], constexprs=constexprs)
         target = GPUTarget(*job["target"])
         compiled = triton.compile(source, target=target, options=job["options"])
         resources = _nvidia_resources(compiled) if target.backend == "cuda" else _amd_resources(compiled)
@@ -161,6 +174,56 @@ def compile_one(job: dict) -> dict:
     return resources
 
 
+def _run_chunk(payloads: list[dict], workdir: Path, index: int) -> subprocess.Popen:
+    jobs_path = workdir / f"jobs{index}.pkl"
+    jobs_path.write_bytes(pickle.dumps(payloads))
+    package_root = str(Path(__file__).resolve().parents[3])
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        package_root,
+        str(jobs_path),
+        str(workdir / f"results{index}.pkl"),
+    ]
+    stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def compile_in_workers(payloads: list[dict], workers: int | None = None) -> list[dict]:
+    """Compile ``payloads`` in ``workers`` (default: every usable CPU) clean processes of this file.
+
+    Results come back in order; a job whose worker died or hung gets an ``error`` result marked transient.
+    """
+    workers = max(1, min(workers or default_workers(), len(payloads)))
+    chunks = [list(range(i, len(payloads), workers)) for i in range(workers)]
+    results: list[dict] = [{} for _ in payloads]
+    with tempfile.TemporaryDirectory(prefix="dispatchattn-aot-") as tmp:
+        workdir = Path(tmp)
+        procs = [_run_chunk([payloads[j] for j in chunk], workdir, i) for i, chunk in enumerate(chunks)]
+        for i, (proc, chunk) in enumerate(zip(procs, chunks)):
+            try:
+                code = proc.wait(timeout=_WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            proc.stderr.close() if proc.stderr else None
+            path = workdir / f"results{i}.pkl"
+            done = pickle.loads(path.read_bytes()) if path.exists() else []
+            tail = (workdir / f"stderr{i}.txt").read_text()[-300:].strip()
+            for pos, j in enumerate(chunk):
+                crashed = {"error": f"worker exited ({code}): {tail}", "transient": True}
+                results[j] = done[pos] if pos < len(done) else crashed
+    return results
+
+
+def default_workers() -> int:
+    """Compile processes to start: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def main(argv: list[str]) -> int:
     """``aot_compile.py PACKAGE_ROOT JOBS.pkl RESULTS.pkl``: compile every job, write the results in order."""
     package_root, jobs_path, results_path = argv
@@ -168,6 +231,11 @@ def main(argv: list[str]) -> int:
     # This worker's own environment, before Triton is imported: with the interpreter on, ``@triton.jit``
     # (Triton's own library functions included) would give functions that cannot be compiled.
     os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+
+    # A private Triton cache: every compile is real (honest compile seconds) and ~/.triton is not filled;
+    # the records themselves are cached by ``aot.py``.
+    triton.knobs.cache.dir = str(Path(results_path).parent / f"triton-cache-{os.getpid()}")
     jobs = pickle.loads(Path(jobs_path).read_bytes())
     results = []
     for job in jobs:

@@ -44,6 +44,8 @@ __all__ = ["Generated", "generate", "unsupported_reason", "MAX_BUFFERS", "CODEGE
 #: Bump when the emitted code changes meaning: it is part of every cache key.
 CODEGEN_VERSION = 1
 _TRACE_LEN = 4
+# The generator's own source is part of the key, so editing it never reuses a stale file.
+_GENERATOR_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -105,7 +107,7 @@ def _buffer_signature(t: torch.Tensor) -> str:
 
 
 def _graph_key(score: Traced | None, mask: Traced | None, buffers: list[torch.Tensor]) -> str:
-    parts = [f"codegen v{CODEGEN_VERSION}"]
+    parts = [f"codegen v{CODEGEN_VERSION}", _GENERATOR_HASH]
     for traced in (score, mask):
         parts.append(traced.graph_module.code if traced is not None else "none")
         if traced is not None:  # which slot each get_attr reads
@@ -320,6 +322,17 @@ def _floor_div(a, b):
 @triton.jit
 def _remainder(a, b):
     return a - _floor_div(a, b) * b
+
+
+@triton.jit
+def _load(base, offset, ok):
+    # Bounds-safe load of a captured tensor; the mask is broadcast to the offsets' shape.
+    return tl.load(base + offset, mask=(ok & (offset == offset)) != 0, other=0)
+
+
+@triton.jit
+def _atomic_add(base, offset, value, ok):
+    tl.atomic_add(base + offset, value, mask=(ok & (offset == offset)) != 0, sem="relaxed")
 '''
 
 
@@ -349,7 +362,7 @@ class _Load:
     name: str
     slot: int
     grad_offset: str
-    ok: str | None
+    ok: str
     deps: frozenset
 
 
@@ -538,7 +551,7 @@ class _Emitter:
         name = f"v_{node.name}"
         lines = [f"# aten.index(buf{view.slot}, [{', '.join(v.expr for v in index_values)}]): "
                  f"captured tensor {view.slot}, {str(view.dtype).removeprefix('torch.')} {list(view.sizes)}"]
-        ok_terms, offset_terms, grad_terms = [], [view.offset], [view.grad_offset]
+        ok_terms, offset_terms, grad_terms = [], [view.offset] if view.offset != "0" else [], [view.grad_offset]
         for dim, value in enumerate(index_values):
             size, idx = view.sizes[dim], f"{name}_i{dim}"
             if value.dtype is not None and value.dtype.is_floating_point:
@@ -548,17 +561,15 @@ class _Emitter:
             offset_terms.append(f"{idx} * {view.strides[dim]}")
             grad_terms.append(f"{idx} * {view.grad_strides[dim]}")
         deps = frozenset().union(*(v.deps for v in index_values)) if index_values else frozenset()
-        ok = f"{name}_ok" if ok_terms else None
-        if ok:
-            lines.append(f"{ok} = {' & '.join(ok_terms)}")
-        lines.append(f"{name}_offset = {' + '.join(offset_terms)}")
-        masked = f", mask={ok}, other=0" if ok else ""
-        load = f"tl.load(buf{view.slot} + {name}_offset{masked})"
+        ok = f"{name}_ok"
+        lines.append(f"{name}_offset = {' + '.join(offset_terms) or '0'}")
+        lines.append(f"{ok} = {' & '.join(ok_terms) or f'{name}_offset >= 0'}")
+        load = f"_load(buf{view.slot}, {name}_offset, {ok})"
         if view.dtype in (torch.float16, torch.bfloat16):
             load += ".to(tl.float32)"
         lines.append(f"{name} = {load}")
         self.lines.extend(lines)
-        self.loads[node] = _Load(name, view.slot, " + ".join(grad_terms), ok, deps)
+        self.loads[node] = _Load(name, view.slot, " + ".join(t for t in grad_terms if t != "0") or "0", ok, deps)
         dtype = torch.float32 if view.dtype in (torch.float16, torch.bfloat16) else view.dtype
         return _Value(name, dtype, deps | {f"buf{view.slot}"})
 
@@ -621,10 +632,9 @@ class _Emitter:
             reduced = f"tl.sum({full}, 0, keep_dims=True)"
         else:
             reduced = f"tl.sum(tl.sum({full}, 1), 0)"
-        mask = f", mask={load.ok}" if load.ok else ""
         self.lines.append("if ACCUMULATE:")
-        self.lines.append(f"    # gradient of captured tensor {load.slot}, reduced over the tile, then atomically")
-        self.lines.append(f"    tl.atomic_add(gbuf{load.slot} + {load.grad_offset}, {reduced}{mask}, sem=\"relaxed\")")
+        self.lines.append(f"    # gradient of captured tensor {load.slot}: reduced over the tile, added atomically")
+        self.lines.append(f"    _atomic_add(gbuf{load.slot}, {load.grad_offset}, {reduced}, {load.ok})")
 
 
 _BUFS = ", ".join(f"buf{i}" for i in range(MAX_BUFFERS))
