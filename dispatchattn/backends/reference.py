@@ -29,11 +29,11 @@ def reference_attention(
     dropout_p: float = 0.0,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Hq, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv), lse (B, Hq, Sq) float32.
+    """(B, Hq, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv), lse (B, Hq, Sq).
 
     Computes in ``compute_dtype`` (default: float32 for half inputs, else the input dtype; pass
     ``torch.float64`` for an oracle).  Mods are evaluated with broadcast index tensors.  Fully masked
-    rows give zeros and lse -inf.
+    rows give zeros and lse -inf.  Both results are in ``compute_dtype``.
     """
     dtype = compute_dtype or (torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -77,7 +77,7 @@ def reference_attention(
     if dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, v)
-    return out, lse.float()
+    return out, lse
 
 
 class ReferenceBackend(Backend):
@@ -107,4 +107,4 @@ class ReferenceBackend(Backend):
             attn_mask=call.attn_mask, is_causal=call.is_causal, scale=call.scale,
             mask_mod=call.mask_mod, score_mod=call.score_mod, dropout_p=call.dropout_p,
         )
-        return call.from_bhsd(out.to(call.query.dtype)), (lse if call.return_lse else None)
+        return call.from_bhsd(out.to(call.query.dtype)), (lse.float() if call.return_lse else None)

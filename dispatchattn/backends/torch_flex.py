@@ -20,10 +20,18 @@ _BLOCK_MASK_CACHE_SIZE = 64
 MIN_HEAD_DIM = 16  # FlexAttention rejects head dims below 16 (torch/_inductor/kernel/flex)
 
 
+# Each new shape or mod recompiles flex_attention; past dynamo's default limit (8) it would silently run
+# the unfused eager implementation, so the limit is raised (never lowered) for this one function's sake.
+RECOMPILE_LIMIT = 256
+
+
 @functools.cache
 def _compiled_flex_attention():
+    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
 
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False)
 
 
