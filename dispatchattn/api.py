@@ -32,7 +32,7 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 
 
 def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod, layout,
-            return_lse, backend, compiling: bool) -> tuple[AttentionSpec, Decision, bool]:
+            return_lse, backend, compiling: bool) -> tuple[AttentionSpec, Decision]:
     spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=not compiling)
     caps = capabilities.probe(query.device)
@@ -74,16 +74,20 @@ def attention(
                                  mask_mod, layout, return_lse, backend, True)
         fresh = True
     else:
-        sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                         mask_mod, layout, return_lse, backend)
-        entry = _MEMO.get(sig)
+        try:
+            sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                             mask_mod, layout, return_lse, backend)
+            entry = _MEMO.get(sig)
+        except (AttributeError, TypeError, ValueError):  # not tensors / unhashable: validation will say why
+            sig, entry = None, None
         fresh = entry is None
         if fresh:
             entry = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
                             mask_mod, layout, return_lse, backend, False)
             if len(_MEMO) >= _MEMO_LIMIT:
                 _MEMO.clear()
-            _MEMO[sig] = entry
+            if sig is not None:
+                _MEMO[sig] = entry
         spec, decision = entry
     level = envs.explain_level()
     if level and (fresh or level >= 2):
