@@ -35,7 +35,8 @@ def heuristic_config(kernel: str, head_dim: int, dtype: torch.dtype, vendor: str
     """Tile config when the autotune cache has none.  ``kernel``: "fwd" or "bwd".
 
     CPU (Triton's interpreter, tests): 64 x 64 tiles; the interpreter's cost is dominated by the number
-    of tile steps (measured: S=100, 2 heads, forward 0.6 s at 64x64, 1.3 s at 32x32, 3 s at 16x16).  NVIDIA: Inductor's FlexAttention defaults for H100 / A100 (KERNEL_NOTES section 4):
+    of tile steps (measured: S=100, 2 heads, forward 0.6 s at 64x64, 1.3 s at 32x32, 3 s at 16x16).
+    NVIDIA: Inductor's FlexAttention defaults for H100 / A100 (KERNEL_NOTES section 4):
     forward 128x64 (64x32 for head dims above 128; 128x128 at d <= 64 in 16-bit), backward 64x64.
     AMD: the same tiles with one pipeline stage, as Inductor's ROCm defaults.
     """

@@ -1,0 +1,183 @@
+"""``triton_flex``: the in-house block-sparse Triton kernel with generated score_mod / mask_mod.
+
+Runs any traceable mod (``da.masks`` / ``da.scores`` objects or plain functions, see ``codegen.py``),
+forward and backward, on NVIDIA and AMD GPUs, and on CPU through Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before import (slow: for tests).  ``is_causal`` becomes a causal mask;
+a dense ``attn_mask`` becomes a captured tensor read by a generated mask_mod (bool) or score_mod
+(float, with its gradient when it requires one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ...capabilities import DeviceCaps, probe
+from ...masks import Causal, MaskMod
+from ...spec import AttentionSpec
+from ..base import AttentionCall, Backend, Reason
+
+MIN_HEAD_DIM = 16  # tl.dot's smallest inner dimension; smaller dims are FlexAttention's limit too
+MAX_HEAD_DIM_TRITON_FLEX = 256  # one padded head-dim tile per program; 512 spills registers on every arch
+
+
+def _dense_mask_mods(attn_mask) -> tuple[Callable | None, Callable | None]:
+    """An SDPA ``attn_mask`` as (mask_mod, score_mod) indexing it; broadcast dims are read at index 0."""
+    mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    b_one, h_one, q_one, k_one = (size == 1 for size in mask4.shape)
+
+    def at(b, h, q_idx, kv_idx):
+        return mask4[b * 0 if b_one else b, h * 0 if h_one else h, q_idx * 0 if q_one else q_idx,
+                     kv_idx * 0 if k_one else kv_idx]
+
+    if attn_mask.dtype.is_floating_point:
+        return None, lambda score, b, h, q_idx, kv_idx: score + at(b, h, q_idx, kv_idx)
+    return (lambda b, h, q_idx, kv_idx: at(b, h, q_idx, kv_idx)), None
+
+
+def _and(first, second):
+    if first is None or second is None:
+        return first if second is None else second
+    if isinstance(first, MaskMod) and isinstance(second, MaskMod):
+        return first & second  # keeps the structure: block sparsity stays analytic
+    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
+
+
+def _then(first, second):
+    if first is None or second is None:
+        return first if second is None else second
+    return lambda score, b, h, q_idx, kv_idx: second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+
+def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
+    """(score_mod, mask_mod) of a call with ``is_causal`` and ``attn_mask`` folded in."""
+    score_mod, mask_mod = call.score_mod, call.mask_mod
+    if call.is_causal:
+        mask_mod = _and(mask_mod, Causal())
+    if call.attn_mask is not None:
+        dense_mask, dense_score = _dense_mask_mods(call.attn_mask)
+        mask_mod, score_mod = _and(mask_mod, dense_mask), _then(score_mod, dense_score)
+    return score_mod, mask_mod
+
+
+class TritonFlexBackend(Backend):
+    """The in-house Triton flex kernel: block-sparse, any traceable mod, forward and backward."""
+
+    name = "triton_flex"
+    SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm"})
+    SUPPORTED_DTYPES = Backend.SUPPORTED_DTYPES  # fp16, bf16, fp32 (fp32 dots in IEEE precision)
+    MAX_HEAD_DIM = MAX_HEAD_DIM_TRITON_FLEX
+    MIN_HEAD_DIM = MIN_HEAD_DIM
+    SUPPORTS_DROPOUT = False
+    SUPPORTS_LSE = True
+    SUPPORTS_BACKWARD = True
+    SUPPORTS_DV_NE_D = True
+    TUNABLE = True
+
+    def library_label(self, caps: DeviceCaps) -> str:
+        version = caps.libraries.triton
+        return f"triton {version} flex kernel" if version is not None else "triton flex kernel"
+
+    def _generic_reasons(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        if caps.libraries.triton is None:
+            return [Reason("not_installed", "triton is not installed (pip install triton, or the [triton] extra)")]
+        if caps.vendor == "cpu" and not caps.triton_interpret:
+            return [Reason(
+                "device_unsupported",
+                "no GPU: set TRITON_INTERPRET=1 before importing dispatchattn to run it on CPU through Triton's "
+                "interpreter (slow; for tests)",
+            )]
+        return super()._generic_reasons(spec, caps)
+
+    def _why_not(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        reasons = []
+        smallest = min(spec.head_dim, spec.head_dim_v)
+        if smallest < MIN_HEAD_DIM:
+            reasons.append(Reason(
+                "head_dim_too_small",
+                f"head_dim {smallest} is below {MIN_HEAD_DIM}, the smallest the Triton flex kernel supports "
+                "(tl.dot's minimum inner dimension)",
+            ))
+        unsupported = self._mods_reason(spec)
+        if unsupported is not None:
+            reasons.append(Reason("mod_unsupported", unsupported))
+        return reasons
+
+    @staticmethod
+    def _mods_reason(spec: AttentionSpec) -> str | None:
+        if spec.score is None and spec.mask is None:
+            return None
+        from . import codegen
+
+        device = "cuda" if spec.device_type in ("cuda", "rocm") else spec.device_type
+        return codegen.unsupported_reason(spec.score, spec.mask, device)
+
+    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
+        return self._config("fwd", spec, caps)
+
+    @staticmethod
+    def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
+        """``autotune_cache.select_config`` when importable, else ``autograd.heuristic_config``."""
+        try:
+            from ...autotune_cache import select_config
+        except ImportError:
+            select_config = None
+        if select_config is not None:
+            return select_config(kernel, spec, caps)
+        from .autograd import heuristic_config
+
+        vendor = caps.vendor if caps.vendor in ("cuda", "rocm") else "cpu"
+        return heuristic_config(kernel, spec.head_dim, spec.dtype, vendor), "heuristic (no autotune cache module)"
+
+    def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
+        """Generated kernel (hash and file), block sparsity when known from structure, tile configs."""
+        config, source = self.tile_config(spec, caps)
+        notes = [note for note in (self._kernel_note(spec), self._sparsity_note(spec, config)) if note]
+        notes.append(f"forward tile config {config.short()} (from {source})")
+        if spec.requires_grad or spec.mods_need_grad:
+            bwd_config, bwd_source = self._config("bwd", spec, caps)
+            notes.append(f"backward tile config {bwd_config.short()} (from {bwd_source})")
+        return notes
+
+    @staticmethod
+    def _kernel_note(spec: AttentionSpec) -> str | None:
+        mask = spec.mask
+        if spec.is_causal:
+            mask = _and(mask, Causal())
+        dense = " plus a read of the dense attn_mask" if spec.attn_mask is not None else ""
+        if spec.score is None and mask is None:
+            return f"plain kernel (no score_mod / mask_mod){dense}"
+        try:
+            from . import codegen
+
+            generated = codegen.generate(spec.score, mask)
+        except Exception:  # noqa: BLE001 - a note must never fail a decision
+            return None
+        return f"generated kernel {generated.short_key}{dense} (source: {generated.path})"
+
+    @staticmethod
+    def _sparsity_note(spec: AttentionSpec, config) -> str | None:
+        """Fraction of tiles computed, when the mask's structure alone tells (no tensor data read)."""
+        mask = spec.mask
+        if spec.is_causal:
+            mask = Causal() if mask is None else (mask & Causal() if isinstance(mask, MaskMod) else None)
+        if mask is None:
+            return None if spec.attn_mask is not None or spec.mask is not None else "dense: every tile computed"
+        if not isinstance(mask, MaskMod) or "document" in repr(mask.key):
+            return None
+        maybe_any, _ = mask.bind(spec.seq_q, spec.seq_kv).tile_classes(
+            config.block_m, config.block_n, spec.seq_q, spec.seq_kv)
+        return (f"block sparsity: {float(maybe_any.float().mean()):.1%} of {config.block_m}x{config.block_n} "
+                "tiles computed")
+
+    def run(self, call: AttentionCall, spec: AttentionSpec, config=None):
+        from ...autotune_cache.config import TileConfig
+        from .autograd import triton_flex_attention
+
+        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        caps = probe(q.device)
+        fwd_config = config if isinstance(config, TileConfig) else self._config("fwd", spec, caps)[0]
+        bwd_config = self._config("bwd", spec, caps)[0] if spec.requires_grad or spec.mods_need_grad else None
+        score_mod, mask_mod = call_mods(call)
+        out, lse = triton_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
+                                         return_lse=call.return_lse, fwd_config=fwd_config, bwd_config=bwd_config)
+        return call.from_bhsd(out), lse
