@@ -206,16 +206,6 @@ XFORMERS_OPS: dict[str, XformersOp] = {
 #: CUDA, [ck] on ROCm.  xFormers picks the op itself; these tables only predict whether one exists.
 XFORMERS_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("fa3", "fa2", "cutlass"), "rocm": ("ck",)}
 
-# --------------------------------------------------------------------------------------------------
-# Default backend priority per vendor (justified in docs/backends.md)
-# --------------------------------------------------------------------------------------------------
-
-PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("flash", "xformers", "sdpa", "triton_flex", "torch_flex", "reference"),
-    "rocm": ("flash", "sdpa", "xformers", "triton_flex", "torch_flex", "reference"),
-    "cpu": ("sdpa", "torch_flex", "triton_flex", "reference"),
-}
-
 #: Archs the matrix documents, in order.
 MATRIX_ARCHS: tuple[str, ...] = (
     "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120",
