@@ -386,3 +386,24 @@ def test_not_installed_and_cpu():
     assert [r.code for r in FlashBackend().why_not(spec_for(device_type="cpu"), caps("cpu"))] == [
         "device_unsupported"]
     assert [r.code for r in FlashBackend().why_not(spec_for(), caps(fa2="2.0.9"))] == ["version_too_old"]
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def test_attention_end_to_end_with_double(monkeypatch):
+    fa2 = make_fa2()
+    install(monkeypatch, fa2=fa2)
+    q, k, v = tensors(2, 4, 2, 50, 50, 64, seed=11)
+    with pretend(caps("sm_80")):
+        out, lse = da.attention(q, k, v, enable_gqa=True, backend="flash", return_lse=True,
+                                mask_mod=da.masks.sliding_window(7) & da.masks.causal())
+        decision = da.explain(q, k, v, enable_gqa=True, mask_mod=da.masks.sliding_window(7) & da.masks.causal())
+    assert decision.backend == "flash" and fa2.recorder.last[2]["window_size"] == (7, 0)
+    i, j = ij(50, 50)
+    check(out, lse, q, k, v, (j <= i) & (j >= i - 7))
+
+
+def test_forced_flash_raises_with_reasons(monkeypatch):
+    install(monkeypatch, fa2=make_fa2())
+    q, k, v = tensors(1, 2, 2, 16, 16, 64)
+    with pretend(caps("sm_75")), pytest.raises(da.UnsupportedError, match="needs sm_80\\+, device is sm_75"):
+        da.attention(q, k, v, backend="flash")

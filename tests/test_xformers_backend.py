@@ -268,3 +268,22 @@ def test_library_reasons_are_xformers_own_sentences():
     reasons = library_reasons(spec_for(torch.float32, 64, device_type="cpu"), "NoneType", torch.device("cpu"))
     assert reasons and all(r.code == "xformers_reasons" for r in reasons)
     assert any("device=cpu" in r for r in reasons)
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def test_attention_end_to_end_with_double(monkeypatch):
+    calls = install(monkeypatch)
+    q, k, v = tensors(1, 2, 2, 40, 40, 32, seed=12)
+    ids = torch.tensor([0] * 15 + [1] * 25)
+    with pretend(caps("sm_80")):
+        out, lse = da.attention(q, k, v, backend="xformers", return_lse=True,
+                                mask_mod=da.masks.document(ids) & da.masks.causal())
+    assert type(bias_of(calls)) is ab.BlockDiagonalCausalMask
+    i, j = ij(40, 40)
+    check(out, lse, q, k, v, (ids[:, None] == ids[None, :]) & (j <= i))
+
+
+def test_forced_xformers_raises_with_reasons():
+    q, k, v = tensors(1, 2, 2, 16, 16, 64)
+    with pretend(caps("gfx1100")), pytest.raises(da.UnsupportedError, match="ckF/ckB: device gfx1100"):
+        da.attention(q, k, v, backend="xformers")
