@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 
 import filelock
@@ -18,6 +20,7 @@ from dispatchattn.autotune_cache import (
     heuristic_config,
     make_key,
     select_config,
+    shipped,
     store,
     tune,
     tuning,
@@ -226,3 +229,18 @@ def test_cli_masks_parse(text):
 def test_cli_bad_mask_is_a_clear_error(text):
     with pytest.raises(ValueError, match="--mask: expected none, causal, window:N or document:N"):
         tune_cli.parse_mask(text, 4096, torch.device("cpu"))
+
+
+def test_export_measured_shipped_default(tmp_path):
+    caps = DeviceCaps.synthetic("sm_90", device_name="NVIDIA H100 80GB HBM3")
+    result = tune("fwd", spec(), caps, [TileConfig(128, 64, 4, 4)], fake_bench, progress=False, save=False)
+    path = shipped.export_measured(result, tmp_path)
+    assert path == tmp_path / "sm_90.json"
+    config, source = shipped.lookup("fwd", "sm_90", "float16", 128, 128, directory=tmp_path)
+    assert config == result.best
+    assert source == f"shipped default (measured on NVIDIA H100 80GB HBM3, {datetime.date.today().isoformat()})"
+    untouched = shipped.lookup("bwd", "sm_90", "float16", 128, 128, directory=tmp_path)
+    assert untouched[1].startswith("shipped default (not measured)")
+    entry = json.loads(path.read_text())["tile_configs"]["fwd float16 d128/128"]
+    assert entry["tuned_for"] == result.key.entry and entry["speedup_over_heuristic"] > 1
+    assert {"device", "date", "dispatchattn", "triton", "torch", "how"} <= set(entry["produced"])

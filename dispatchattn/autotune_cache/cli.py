@@ -13,7 +13,7 @@ import torch
 
 from .. import capabilities, masks
 from ..spec import AttentionSpec
-from . import store
+from . import shipped, store
 from .select import autotune_dir, clear_memo
 from .tuning import candidates_for, kernel_bench_fn, tune
 
@@ -41,6 +41,8 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     add("--kv-heads", type=int, default=None, help="key/value heads for GQA (default: --heads)")
     add("--backward", action="store_true", help="tune the backward kernel too")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--export-defaults", action="store_true",
+        help="also record the results as measured shipped defaults (autotune_cache/defaults/<arch>.json)")
     add("--show", action="store_true", help="print the cached tile configs and exit")
     add("--clear", action="store_true", help="delete the cached tile configs and exit")
     parser.set_defaults(func=run_tune)
@@ -97,6 +99,8 @@ def run_tune(args) -> int:
         for config, error in result.failures.items():
             print(f"  failed: {config.short()}: {error}")
         print(result.store_status or "nothing stored: every candidate failed")
+        if args.export_defaults and result.succeeded:
+            print(f"shipped default updated: {shipped.export_measured(result)}")
         status = status or (0 if result.succeeded else 1)
     clear_memo()
     return status

@@ -2,8 +2,9 @@
 
 Each file says where its configs came from (``measured``, ``source``, ``produced``: device, date,
 versions, how).  Until a GPU was available to this project every file was generated from the heuristic
-(``python -m dispatchattn.autotune_cache.shipped --write``) and says ``"measured": false``; tuned files
-replace them target by target (``python -m dispatchattn tune ... --export-defaults``).
+(``python -m dispatchattn.autotune_cache.shipped --write``) and says ``"measured": false``; tuning on a
+GPU with ``python -m dispatchattn tune ... --export-defaults`` replaces entries one by one, each marked
+``"measured": true`` with its own device, date, versions and speedup.
 
 Entries are keyed by kernel, dtype and head dims rounded up to a power of two (the kernels pad to it).
 """
@@ -37,9 +38,9 @@ def entry_name(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int) -> 
 
 
 @functools.cache
-def load_target(target: str) -> dict | None:
+def load_target(target: str, directory: Path = DEFAULTS_DIR) -> dict | None:
     """The shipped document for ``target`` ("sm_90"), or None when there is none or it is unusable."""
-    path = DEFAULTS_DIR / f"{target}.json"
+    path = directory / f"{target}.json"
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -48,10 +49,10 @@ def load_target(target: str) -> dict | None:
 
 
 def lookup(
-    kernel: str, arch: str, dtype_name: str, head_dim: int, head_dim_v: int
+    kernel: str, arch: str, dtype_name: str, head_dim: int, head_dim_v: int, directory: Path = DEFAULTS_DIR
 ) -> tuple[TileConfig, str] | None:
     """(config, source sentence) from the shipped defaults of ``arch``, or None."""
-    document = load_target(arch)
+    document = load_target(arch, directory)
     if document is None:
         return None
     entry = document["tile_configs"].get(entry_name(kernel, dtype_name, head_dim, head_dim_v))
@@ -61,16 +62,52 @@ def lookup(
         config = TileConfig.from_dict(entry["config"])
     except (KeyError, TypeError, ValueError):
         return None
-    return config, describe(document, arch)
+    return config, describe(document, entry, arch)
 
 
-def describe(document: dict, arch: str) -> str:
-    """``shipped default (not measured) for sm_90: ...`` or ``shipped default (measured on H100, date)``."""
-    produced = document.get("produced", {})
-    if document.get("measured"):
+def describe(document: dict, entry: dict, arch: str) -> str:
+    """``shipped default (not measured) for sm_90: ...`` or ``shipped default (measured on H100, date)``.
+
+    ``measured`` is per entry where an entry says so (a partly tuned file), else the file's.
+    """
+    if entry.get("measured", document.get("measured")):
+        produced = {**document.get("produced", {}), **entry.get("produced", {})}
         device, date = produced.get("device", arch), produced.get("date", "undated")
         return f"shipped default (measured on {device}, {date})"
     return f"shipped default (not measured) for {arch}: {document.get('source', HEURISTIC_SOURCE)}"
+
+
+def export_measured(result, directory: Path = DEFAULTS_DIR) -> Path:
+    """Record a ``TuneResult`` as the measured shipped default of its arch, kernel, dtype and head dims.
+
+    The target's file keeps its other entries (heuristic ones stay marked not measured); the entry
+    records the device, date, versions, the problem it was tuned on and its speedup over the heuristic.
+    """
+    key = result.key
+    path = directory / f"{key.arch}.json"
+    document = load_target(key.arch, directory) or heuristic_document(key.arch)
+    document = json.loads(json.dumps(document))  # a private copy of the cached document
+    for entry in document["tile_configs"].values():  # entries from before keep their own provenance
+        entry.setdefault("measured", bool(document.get("measured")))
+    document.update(measured=True, source="tuned on hardware with `python -m dispatchattn tune`")
+    document["tile_configs"][entry_name(key.kernel, key.dtype, key.head_dim, key.head_dim_v)] = {
+        "config": result.best.to_dict(),
+        "measured": True,
+        "seconds": result.best_seconds,
+        "speedup_over_heuristic": round(result.speedup, 4),
+        "tuned_for": key.entry,
+        "produced": {
+            "device": key.device_name,
+            "date": datetime.date.today().isoformat(),
+            "dispatchattn": key.dispatchattn,
+            "triton": key.triton,
+            "torch": str(installed_libraries().torch),
+            "how": f"python -m dispatchattn tune ({len(result.timings)} candidates timed with do_bench)",
+        },
+    }
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    load_target.cache_clear()
+    return path
 
 
 def heuristic_document(target: str) -> dict:
