@@ -110,6 +110,19 @@ def test_cache_failure_never_raises(monkeypatch):
     assert source.startswith("heuristic (") and "RuntimeError: disk on fire" in source
 
 
+def test_unhashable_mask_object_skips_the_memo_but_still_selects():
+    class UnhashableMask:
+        __hash__ = None
+
+        def __call__(self, b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+    problem = spec(mask=UnhashableMask())
+    for _ in range(2):
+        config, source = select_config("fwd", problem, H100)
+        assert source.startswith("shipped default")
+
+
 # --- tune with an injected timer -----------------------------------------------------------------------
 
 

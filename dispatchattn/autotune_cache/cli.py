@@ -26,7 +26,7 @@ NO_GPU = (
 )
 
 
-def add_tune_parser(subparsers) -> argparse.ArgumentParser:
+def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``tune`` sub-command to an ``argparse`` sub-parsers object; returns its parser."""
     parser = subparsers.add_parser("tune", help="time tile configs of the triton_flex kernels on this GPU")
     add = parser.add_argument
@@ -75,7 +75,7 @@ def spec_from_args(args, device: torch.device) -> AttentionSpec:
     )
 
 
-def run_tune(args) -> int:
+def run_tune(args: argparse.Namespace) -> int:
     """Run ``tune`` as parsed by ``add_tune_parser``; returns the exit status (2 without a GPU)."""
     if args.show:
         return show_cache()

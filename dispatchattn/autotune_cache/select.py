@@ -28,6 +28,7 @@ from .space import heuristic_config_and_note
 logger = logging.getLogger("dispatchattn")
 
 INTERPRETER_SOURCE = "interpreter default"
+FALLBACK = TileConfig(64, 64, num_warps=4, num_stages=2)  # fits every arch in the table at D <= 128
 _memo: dict[tuple, tuple[TileConfig, str]] = {}
 
 
@@ -60,17 +61,28 @@ def select_config(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[T
     if not caps.is_gpu or spec.device_type == "cpu":
         return interpreter_config(spec), INTERPRETER_SOURCE
     memo_key = (kernel, spec, caps, envs.cache_dir(), envs.autotune_on_miss())
-    hit = _memo.get(memo_key)
+    try:
+        hit = _memo.get(memo_key)
+    except TypeError:  # e.g. an unhashable user mask_mod object: no memo for this spec
+        hit, memo_key = None, None
     if hit is not None:
         return hit
     try:
         result = _select_uncached(kernel, spec, caps)
     except Exception as error:  # the cache must never fail a call
-        config, note = _heuristic(kernel, spec, caps)
-        result = config, f"heuristic ({note}; the tile-config cache failed: {type(error).__name__}: {error})"
-    if not torch.compiler.is_compiling():  # a memo filled while tracing would cost a recompile
+        result = _after_failure(kernel, spec, caps, error)
+    if memo_key is not None and not torch.compiler.is_compiling():  # memo filled while tracing = recompile
         _memo[memo_key] = result
     return result
+
+
+def _after_failure(kernel: str, spec: AttentionSpec, caps: DeviceCaps, error: Exception) -> tuple[TileConfig, str]:
+    failure = f"the tile-config cache failed: {type(error).__name__}: {error}"
+    try:
+        config, note = _heuristic(kernel, spec, caps)
+    except Exception:
+        return FALLBACK, f"fallback ({failure})"
+    return config, f"heuristic ({note}; {failure})"
 
 
 def _heuristic(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:

@@ -134,6 +134,10 @@ def put(path: Path, key: str, entry: dict, header: dict[str, Any] | None = None)
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remember(path, key, entry)
+        return f"cache directory {path.parent} is unwritable ({_why(error)}); {IN_MEMORY}"
+    try:
         with filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
             document, _problem = _read_document(path, header)
             document = document or empty_document(header or {})
@@ -144,7 +148,7 @@ def put(path: Path, key: str, entry: dict, header: dict[str, Any] | None = None)
         return f"cache file {path} stayed locked for {LOCK_TIMEOUT_S:.0f} s; {IN_MEMORY}"
     except OSError as error:
         _remember(path, key, entry)
-        return f"cache directory {path.parent} is unwritable ({_why(error)}); {IN_MEMORY}"
+        return f"could not write cache file {path} ({_why(error)}); {IN_MEMORY}"
     _forget(path, key)
     return f"stored in {path}"
 

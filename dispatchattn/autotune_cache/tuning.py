@@ -13,6 +13,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -117,7 +118,7 @@ def tune(
     progress: bool = True,
     *,
     save: bool = True,
-    cache_file=None,
+    cache_file: Path | None = None,
 ) -> TuneResult:
     """Time every candidate (and the heuristic default) with ``bench_fn``; keep the fastest.
 
