@@ -156,6 +156,8 @@ class FlashBackend(Backend):
         notes = [f"entry point: flash-attn {version} {impl.label}"]
         if plan.document is not None:
             notes.append("document mask -> flash_attn_varlen_func (cu_seqlens computed from document_ids)")
+        if spec.return_lse and spec.dropout_p > 0 and impl.key != "fa4":
+            notes.append("lse with dropout: flash-attn also returns the (B, H, Sq, Sk) dropout mask it computes")
         return notes
 
     # ----------------------------------------------------------------------------------------- running

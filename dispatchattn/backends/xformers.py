@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import envs
-from ..capabilities import DeviceCaps, probe
+from ..capabilities import DeviceCaps, _probe
 from ..scores import Alibi, RelativeBias, Softcap
 from ..spec import AttentionSpec
 from ..vendor_tables import XFORMERS_OPS, XFORMERS_ORDER, XformersOp, xformers_op_runs_on
@@ -217,9 +217,10 @@ def op_problems(op: XformersOp, spec: AttentionSpec, caps: DeviceCaps, bias: str
 
 
 def _on_real_device(caps: DeviceCaps) -> bool:
+    """True when ``caps`` describe this machine's current GPU (not a device we only pretend to be on)."""
     if not caps.is_gpu or not torch.cuda.is_available():
         return False
-    return probe(torch.device("cuda")) is caps
+    return caps == _probe("cuda", torch.cuda.current_device())
 
 
 def library_reasons(spec: AttentionSpec, bias: str, device: torch.device) -> list[Reason] | None:
