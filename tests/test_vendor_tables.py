@@ -98,6 +98,12 @@ def test_render_matrix(fmt):
         render_matrix("html")
 
 
+def test_matrix_does_not_depend_on_the_environment(monkeypatch):
+    plain = render_matrix("markdown")
+    monkeypatch.setenv("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+    assert render_matrix("markdown") == plain
+
+
 def test_docs_matrix_is_generated():
     document = DOCS.read_text()
     assert BEGIN in document and END in document
