@@ -66,12 +66,13 @@ def fake_bench(config: TileConfig) -> float:
 # --- select_config sources -----------------------------------------------------------------------------
 
 
-def test_cpu_gets_small_interpreter_tiles():
+def test_cpu_gets_interpreter_tiles_no_larger_than_the_problem():
     cpu = DeviceCaps.synthetic("cpu")
     for kernel in ("fwd", "bwd"):
-        config, source = select_config(kernel, spec(device_type="cpu", seq_q=77, seq_kv=77), cpu)
+        config, source = select_config(kernel, spec(device_type="cpu", seq_q=77, seq_kv=20), cpu)
         assert source == INTERPRETER_SOURCE
-        assert 16 <= config.block_m <= 32 and 16 <= config.block_n <= 32
+        assert (config.block_m, config.block_n) == (64, 32)
+    assert select_config("fwd", spec(device_type="cpu", seq_q=5, seq_kv=5), cpu)[0].block_m == 16
 
 
 def test_gpu_without_tuned_entry_uses_shipped_default_and_says_not_measured():

@@ -23,11 +23,12 @@ from ..spec import AttentionSpec
 from . import shipped, store
 from .config import TileConfig
 from .key import TuneKey, make_key
-from .space import heuristic_config_and_note
+from .space import _pow2_at_least, heuristic_config_and_note
 
 logger = logging.getLogger("dispatchattn")
 
 INTERPRETER_SOURCE = "interpreter default"
+INTERPRETER_BLOCK = 64
 FALLBACK = TileConfig(64, 64, num_warps=4, num_stages=2)  # fits every arch in the table at D <= 128
 _memo: dict[tuple, tuple[TileConfig, str]] = {}
 
@@ -42,9 +43,17 @@ def user_cache_path(key: TuneKey) -> Path:
 
 
 def interpreter_config(spec: AttentionSpec) -> TileConfig:
-    """Small tiles for Triton's CPU interpreter, whose cost grows with the number of tile steps."""
-    block = 16 if max(spec.seq_q, spec.seq_kv) <= 16 else 32
-    return TileConfig(block, block, num_warps=4, num_stages=1)
+    """Tiles for Triton's CPU interpreter: 64 x 64, or the padded length when shorter.
+
+    The interpreter's cost grows with the number of tile steps, not their size; measured here on
+    triton_flex (B=1, H=2, S=100, D=64, causal): forward 0.5 s at 64x64, 0.8 s at 32x32, 1.7 s at 16x16.
+    """
+    return TileConfig(
+        min(INTERPRETER_BLOCK, _pow2_at_least(spec.seq_q)),
+        min(INTERPRETER_BLOCK, _pow2_at_least(spec.seq_kv)),
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 def clear_memo() -> None:

@@ -1,8 +1,9 @@
 """Which tile configs exist per vendor, which fit an arch, and the untuned default for each.
 
-Forward and backward are separate kernels with separate configs.  A backward ``TileConfig(m, n)`` means
-FlexAttention's (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2) = (m, n, n, m): the dK/dV part walks query tiles
-of ``m`` rows against a key tile of ``n``, the dQ part the transpose, so ``n`` must be a multiple of ``m``.
+Forward and backward are separate kernels with separate configs.  The backward of ``triton_flex`` is two
+launches sharing one ``TileConfig(m, n)`` (and one block mask at m x n tiles): dK/dV keeps a key tile of
+``n`` rows and streams query tiles of ``m`` rows; dQ keeps a query tile of ``m`` rows and streams key
+tiles of ``n`` rows.
 
 Resources are *estimated* here from the tile shapes (``estimate_resources``, one small function); the
 ahead-of-time compiler measures the real shared memory per target and may refine it.
@@ -48,9 +49,10 @@ def estimate_resources(
 
     Shared memory: the tiles streamed through the loop are held in ``num_stages`` buffers (the same
     model as Triton's matmul ``early_config_prune``: stages x tile bytes).  Forward streams K and V tiles
-    (BLOCK_N rows of D + Dv).  Backward streams Q and dO tiles (BLOCK_M rows) and keeps K and V (BLOCK_N
-    rows) plus their transposed operand copies; calibrated on the public report of FlexAttention's
-    backward at D=128, 64x64 tiles, 2 stages needing 131,072 B on a 99 KB GPU (pytorch issue 133254).
+    (BLOCK_N rows of D + Dv).  Backward, the larger of its two launches: dK/dV streams Q and dO tiles
+    (BLOCK_M rows) and keeps K and V (BLOCK_N rows) plus their transposed operand copies; dQ the other way
+    round.  Calibrated on the public report of FlexAttention's backward at D=128, 64x64 tiles, 2 stages
+    needing 131,072 B on a 99 KB GPU (pytorch issue 133254).
     Registers: the fp32 accumulators and score tile spread over the block's threads, plus overhead.
     """
     d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
@@ -61,8 +63,8 @@ def estimate_resources(
         shared = stages * n * row_bytes
         accumulators = m * dv + m * n  # output accumulator + score tile
     else:
-        shared = (stages * m + 2 * n) * row_bytes
-        accumulators = n * (d + dv) + m * n  # dK and dV accumulators + score tile
+        shared = max(stages * m + 2 * n, stages * n + 2 * m) * row_bytes  # dK/dV launch, dQ launch
+        accumulators = max(n * (d + dv), m * d) + m * n  # dK + dV (or dQ) accumulators + score tile
     threads = config.num_warps * warp_size
     return Resources(shared, -(-accumulators // threads) + REGISTER_OVERHEAD)
 
@@ -79,8 +81,6 @@ def _why_shape_invalid(kernel: str, config: TileConfig, vendor: str) -> str | No
             return f"{name}={value} must be a power of two >= {MIN_BLOCK} (the smallest tl.dot tile)"
     if config.num_warps not in (1, 2, 4, 8, 16):
         return f"num_warps={config.num_warps} must be one of 1, 2, 4, 8, 16"
-    if kernel == "bwd" and n % m:
-        return f"bwd BLOCK_N={n} must be a multiple of BLOCK_M={m} (BLOCK_N1 % BLOCK_M1, BLOCK_M2 % BLOCK_N2)"
     if vendor == "cuda" and (config.waves_per_eu or config.matrix_instr_nonkdim or config.kpack != 1):
         return f"waves_per_eu / matrix_instr_nonkdim / kpack are AMD options; got {config.short()} for CUDA"
     return None
@@ -125,15 +125,11 @@ def _arch_of(arch_or_caps: str | DeviceCaps) -> str:
     return arch_or_caps
 
 
-def _cuda_candidates(kernel: str) -> list[TileConfig]:
-    stages = (1, 2, 3, 4)
-    if kernel == "fwd":
-        tiles = [(m, n) for m in (32, 64, 128) for n in (32, 64, 128)]
-    else:
-        tiles = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+def _cuda_candidates() -> list[TileConfig]:
+    tiles = [(m, n) for m in (32, 64, 128) for n in (32, 64, 128)]
     return [
-        TileConfig(m, n, warps, st)
-        for (m, n), warps, st in itertools.product(tiles, (4, 8), stages)
+        TileConfig(m, n, warps, stages)
+        for (m, n), warps, stages in itertools.product(tiles, (4, 8), (1, 2, 3, 4))
         if warps == 4 or m >= 64  # 8 warps on a 32-row tile leave warps without rows
     ]
 
@@ -146,7 +142,7 @@ def _rocm_candidates(kernel: str, arch: str) -> list[TileConfig]:
         tiles = [(m, n) for m in (64, 128) for n in (32, 64, 128)]
         waves = (0, 2)
     else:
-        tiles = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128)]
+        tiles = [(m, n) for m in (32, 64) for n in (32, 64, 128)]
         waves = (0,)
     return [
         TileConfig(m, n, warps, 1, wpe, nonk, kpack)
@@ -172,7 +168,7 @@ def config_space(
     if arch not in ARCHS:
         return []
     vendor = ARCHS[arch].vendor
-    candidates = set(_cuda_candidates(kernel) if vendor == "cuda" else _rocm_candidates(kernel, arch))
+    candidates = set(_cuda_candidates() if vendor == "cuda" else _rocm_candidates(kernel, arch))
     candidates.add(heuristic_config(kernel, arch, dtype, head_dim, head_dim_v))
     fits = [c for c in candidates if not why_config_invalid(kernel, c, arch, dtype, head_dim, head_dim_v)]
     return sorted(fits)
@@ -195,7 +191,8 @@ _FWD_ROCM = {
     "fp32": {64: (128, 32, 1, 4), 128: (128, 32, 1, 4), 256: (64, 16, 1, 4)},
 }
 _FWD_OTHER = (64, 64, 3, 4)
-# Backward rows: (BLOCK_M1, BLOCK_N1, num_stages, num_warps); M2, N2 = N1, M1.
+# Backward rows: FlexAttention's (BLOCK_M1, BLOCK_N1, num_stages, num_warps), the dK/dV tiles; our dQ
+# launch uses the same (m, n) instead of FlexAttention's transposed (M2, N2) = (N1, M1).
 _BWD_FP32_OR_LARGE = (16, 16, 1, 4)
 
 
@@ -240,13 +237,13 @@ def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> T
 
 def _shrink(config: TileConfig, kernel: str, registers_short: bool) -> TileConfig | None:
     """One step smaller: for registers more warps first, for shared memory fewer stages first; then a
-    smaller tile (BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
+    smaller tile (forward: BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
     if registers_short and config.num_warps < 8:
         return replace(config, num_warps=8)
     if not registers_short and config.num_stages > 1:
         return replace(config, num_stages=config.num_stages - 1)
     m, n = config.block_m, config.block_n
-    if n > MIN_BLOCK and (kernel == "fwd" or n // 2 >= m):
+    if n > MIN_BLOCK and (kernel == "fwd" or n >= m):  # backward: the larger side first
         return replace(config, block_n=n // 2)
     if m > MIN_BLOCK:
         return replace(config, block_m=m // 2)
