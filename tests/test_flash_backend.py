@@ -407,3 +407,42 @@ def test_forced_flash_raises_with_reasons(monkeypatch):
     q, k, v = tensors(1, 2, 2, 16, 16, 64)
     with pretend(caps("sm_75")), pytest.raises(da.UnsupportedError, match="needs sm_80\\+, device is sm_75"):
         da.attention(q, k, v, backend="flash")
+
+
+# ------------------------------------------------------------------------------------ property: exactness
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(sq=st.integers(1, 12), sk=st.integers(1, 12), left=st.none() | st.integers(0, 14),
+                  right=st.none() | st.integers(0, 14), causal=st.sampled_from([None, "top_left", "bottom_right"]),
+                  fa3=st.booleans())
+def test_band_translation_is_exact_or_refused(sq, sk, left, right, causal, fa3):
+    """Any window/causal combination either runs and equals the contract's mask, or is refused for its
+    alignment (never silently different)."""
+    parts = []
+    if left is not None or right is not None:
+        parts.append(da.masks.sliding_window(left if left is not None else 100, right or 0))
+    if causal:
+        parts.append(da.masks.causal(bottom_right=causal == "bottom_right"))
+    mask = None
+    for p in parts:
+        mask = p if mask is None else mask & p
+    q, k, v = tensors(1, 2, 2, sq, sk, 16, seed=sq * 31 + sk)
+    spec = build_spec(q, k, v, mask_mod=mask, return_lse=True)
+    lib = dict(fa2=None, fa3="3.0.0") if fa3 else dict()
+    reasons = FlashBackend().why_not(spec, caps(**lib))
+    if reasons:
+        assert {r.code for r in reasons} <= {"mask_alignment", "window_clamped"}, reasons
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, fa2=make_fa2(), fa3=make_fa3())
+        out, lse = run(q, k, v, caps(**lib), mask_mod=mask)
+    i, j = ij(sq, sk)
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left is not None or right is not None:
+        keep &= (j >= i - (left if left is not None else 100)) & (j <= i + (right or 0))
+    if causal:
+        keep &= j <= i + (sk - sq if causal == "bottom_right" else 0)
+    check(out, lse, q, k, v, keep)

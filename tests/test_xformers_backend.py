@@ -291,3 +291,41 @@ def test_forced_xformers_raises_with_reasons():
     q, k, v = tensors(1, 2, 2, 16, 16, 64)
     with pretend(caps("gfx1100")), pytest.raises(da.UnsupportedError, match="ckF/ckB: device gfx1100"):
         da.attention(q, k, v, backend="xformers")
+
+
+# ------------------------------------------------------------------------------------ property: exactness
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(sq=st.integers(1, 12), sk=st.integers(1, 12), left=st.none() | st.integers(0, 14),
+                  right=st.none() | st.integers(0, 14), causal=st.sampled_from([None, "top_left", "bottom_right"]))
+def test_bias_class_materialises_to_the_contract_mask(sq, sk, left, right, causal):
+    """The attn_bias built for a band, materialised by xFormers itself, keeps exactly the contract's keys."""
+    pytest.importorskip("xformers.ops.fmha.attn_bias")
+    from dispatchattn.backends.flash import mask_plan
+    from dispatchattn.backends.xformers import _band_bias, bias_kind
+
+    parts = []
+    if left is not None or right is not None:
+        parts.append(da.masks.sliding_window(left if left is not None else 100, right or 0))
+    if causal:
+        parts.append(da.masks.causal(bottom_right=causal == "bottom_right"))
+    mask = None
+    for p in parts:
+        mask = (p if mask is None else mask & p).bind(sq, sk)
+    spec = spec_for(seq_q=sq, seq_kv=sk, mask=mask)
+    kind, problem = bias_kind(spec, mask_plan(spec))
+    assert problem is None
+    i, j = ij(sq, sk)
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left is not None or right is not None:
+        keep &= (j >= i - (left if left is not None else 100)) & (j <= i + (right or 0))
+    if causal:
+        keep &= j <= i + (sk - sq if causal == "bottom_right" else 0)
+    if kind == "Tensor":  # built from the mask itself; nothing class-specific to check
+        return
+    bias = _band_bias(ab, kind, mask_plan(spec), sq, sk)
+    got = torch.ones(sq, sk, dtype=torch.bool) if bias is None else torch.isfinite(bias.materialize((sq, sk)))
+    assert torch.equal(got, keep), (kind, got, keep)
