@@ -92,7 +92,8 @@ def trace(mod: Callable, kind: str) -> Traced:
             gm = make_fx(mod, tracing_mode="fake", _allow_non_fake_inputs=True)(*_trace_inputs(kind))
         except Exception as error:  # noqa: BLE001 - any tracing failure is a refusal reason
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise Unsupported(f"{kind} could not be traced by make_fx ({type(error).__name__}: {first_line})")
+            reason = f"{kind} could not be traced by make_fx ({type(error).__name__}: {first_line})"
+            raise Unsupported(reason) from error
     buffers: list[torch.Tensor] = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -229,8 +230,8 @@ def unsupported_reason(score_mod: Callable | None, mask_mod: Callable | None,
         device = torch.device(example_device)
         for t in buffers:
             if t.device.type != device.type:
-                return (f"a captured tensor of the mods lives on {t.device}, the attention inputs on {device}; "
-                        "the Triton flex kernel reads captured tensors by pointer on the inputs' device")
+                return (f"a captured tensor of the mods lives on {t.device}, the attention inputs on "
+                        f"{device}; the Triton flex kernel reads captured tensors by pointer on the inputs' device")
     return None
 
 
@@ -242,7 +243,7 @@ def unsupported_reason(score_mod: Callable | None, mask_mod: Callable | None,
 MAX_BUFFERS = 4
 
 
-class Unsupported(Exception):
+class Unsupported(NotImplementedError):
     """A mod the generator cannot compile; the message is the sentence given as the refusal reason."""
 
 
@@ -270,6 +271,11 @@ _PASS_THROUGH = {"lift_fresh_copy", "alias", "detach", "clone", "contiguous", "_
                  "where", "clamp", "clamp_min", "clamp_max", "div", "rsub", "pow", "index", "select"}
 _INDEX_PARAMS = ("b", "h", "q_idx", "kv_idx")
 
+def _pick(mine: str, op: str, other: str, g: str) -> str:
+    """Gradient share of max/min: all of it when strictly chosen, half on ties (torch's rule)."""
+    return f"tl.where({mine} {op} {other}, {g}, tl.where({mine} == {other}, 0.5 * {g}, 0.0))"
+
+
 # d(out)/d(input) for the differentiable ops, as functions of (g, args, out) -> {arg position: expr}.
 _GRAD_RULES: dict[str, Callable] = {
     "add": lambda g, a, o, k: {0: g, 1: f"{g} * {k.get('alpha', 1)}"},
@@ -290,10 +296,8 @@ _GRAD_RULES: dict[str, Callable] = {
     "abs": lambda g, a, o, k: {0: f"tl.where({a[0]} > 0, {g}, tl.where({a[0]} < 0, -{g}, 0.0))"},
     "relu": lambda g, a, o, k: {0: f"tl.where({a[0]} > 0, {g}, 0.0)"},
     "where": lambda g, a, o, k: {1: f"tl.where({a[0]}, {g}, 0.0)", 2: f"tl.where({a[0]}, 0.0, {g})"},
-    "maximum": lambda g, a, o, k: {0: f"tl.where({a[0]} > {a[1]}, {g}, tl.where({a[0]} == {a[1]}, 0.5 * {g}, 0.0))",
-                                   1: f"tl.where({a[1]} > {a[0]}, {g}, tl.where({a[0]} == {a[1]}, 0.5 * {g}, 0.0))"},
-    "minimum": lambda g, a, o, k: {0: f"tl.where({a[0]} < {a[1]}, {g}, tl.where({a[0]} == {a[1]}, 0.5 * {g}, 0.0))",
-                                   1: f"tl.where({a[1]} < {a[0]}, {g}, tl.where({a[0]} == {a[1]}, 0.5 * {g}, 0.0))"},
+    "maximum": lambda g, a, o, k: {0: _pick(a[0], ">", a[1], g), 1: _pick(a[1], ">", a[0], g)},
+    "minimum": lambda g, a, o, k: {0: _pick(a[0], "<", a[1], g), 1: _pick(a[1], "<", a[0], g)},
     "clamp": lambda g, a, o, k: {0: f"tl.where({o} == {a[0]}, {g}, 0.0)"},
     "clamp_min": lambda g, a, o, k: {0: f"tl.where({o} == {a[0]}, {g}, 0.0)"},
     "clamp_max": lambda g, a, o, k: {0: f"tl.where({o} == {a[0]}, {g}, 0.0)"},
@@ -367,6 +371,8 @@ class _Load:
 
 
 def _literal(value) -> str:
+    if value is None:
+        return "None"
     if isinstance(value, bool):
         return "True" if value else "False"
     if isinstance(value, float):
@@ -510,14 +516,15 @@ class _Emitter:
         exponent = node.args[1]
         forms = {2: "{0} * {0}", 3: "{0} * {0} * {0}", 0.5: "tl.sqrt({0})", -1: "1.0 / {0}", 1: "{0}"}
         if isinstance(exponent, torch.fx.Node) or exponent not in forms:
-            raise Unsupported(f"{self.traced.kind} uses aten.pow with exponent {exponent!r}; only 2, 3, 0.5, 1 "
-                              "and -1 are supported by the Triton flex code generator")
+            raise Unsupported(f"{self.traced.kind} uses aten.pow with exponent {exponent!r}; only 2, 3, 0.5, "
+                              "1 and -1 are supported by the Triton flex code generator")
         return forms[exponent].format(x[0])
 
     def _select(self, node: torch.fx.Node) -> _Value:
         base = self.values[node.args[0]]
         if base.view is None:
-            raise Unsupported(f"{self.traced.kind} uses aten.select on a computed value; index captured tensors only")
+            raise Unsupported(f"{self.traced.kind} uses aten.select on a computed value; "
+                              "only captured tensors can be indexed")
         view, dim, index = base.view, node.args[1], node.args[2]
         if isinstance(index, torch.fx.Node):
             raise Unsupported(f"{self.traced.kind} selects from a captured tensor with a tensor index")
@@ -531,15 +538,16 @@ class _Emitter:
 
     def _scalar_buffer(self, node: torch.fx.Node, view: _BufferView) -> _Value:
         if any(size != 1 for size in view.sizes):
-            raise Unsupported(f"{self.traced.kind} uses a captured tensor of shape {tuple(view.sizes)} without "
-                              "indexing every dimension; index it with b / h / q_idx / kv_idx expressions")
+            raise Unsupported(f"{self.traced.kind} uses a captured tensor of shape {tuple(view.sizes)} "
+                              "without indexing every dimension; index it with b / h / q_idx / kv_idx")
         return self._load(node, view, [], [])
 
     def _index(self, node: torch.fx.Node) -> _Value:
         view = self.values[node.args[0]].view
         indices = node.args[1]
         if view is None:
-            raise Unsupported(f"{self.traced.kind} indexes a computed value; only captured tensors can be indexed")
+            raise Unsupported(f"{self.traced.kind} indexes a computed value; "
+                              "only captured tensors can be indexed")
         if len(indices) != len(view.sizes) or any(i is None for i in indices):
             raise Unsupported(
                 f"{self.traced.kind} indexes a captured tensor of shape {tuple(view.sizes)} with "
@@ -633,7 +641,8 @@ class _Emitter:
         else:
             reduced = f"tl.sum(tl.sum({full}, 1), 0)"
         self.lines.append("if ACCUMULATE:")
-        self.lines.append(f"    # gradient of captured tensor {load.slot}: reduced over the tile, added atomically")
+        self.lines.append(f"    # gradient of captured tensor {load.slot}: reduced over the tile, "
+                          "added atomically")
         self.lines.append(f"    _atomic_add(gbuf{load.slot}, {load.grad_offset}, {reduced}, {load.ok})")
 
 
@@ -658,7 +667,7 @@ def emit_module(key: str, score: Traced | None, mask: Traced | None,
     header = [f"# Generated by dispatchattn's Triton flex code generator (v{CODEGEN_VERSION}); do not edit.",
               f"# kernel key {key}", f"# score_mod: {_describe(score)}; mask_mod: {_describe(mask)}"]
     for slot, t in enumerate(buffers):
-        grad = " (gradient accumulated in gbuf%d)" % slot if slot in grad_slots else ""
+        grad = f" (gradient accumulated in gbuf{slot})" if slot in grad_slots else ""
         header.append(f"# buf{slot}: captured {str(t.dtype).removeprefix('torch.')} tensor "
                       f"{list(t.shape)}, strides {list(t.stride())}{grad}")
     parts = ["\n".join(header) + "\n" + _PRELUDE]
@@ -666,7 +675,8 @@ def emit_module(key: str, score: Traced | None, mask: Traced | None,
     if score is not None:
         forward = _Emitter(score, buffers, grad_slots)
         forward.forward()
-        parts.append(_function(f"score_mod(score, {index_params}, {_BUFS})", forward.lines, forward.output.expr))
+        signature = f"score_mod(score, {index_params}, {_BUFS})"
+        parts.append(_function(signature, forward.lines, forward.output.expr))
         reverse = _Emitter(score, buffers, grad_slots)
         reverse.forward()
         d_score = reverse.backward()
