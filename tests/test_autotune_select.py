@@ -75,6 +75,11 @@ def test_cpu_gets_interpreter_tiles_no_larger_than_the_problem():
     assert select_config("fwd", spec(device_type="cpu", seq_q=5, seq_kv=5), cpu)[0].block_m == 16
 
 
+def test_caps_decide_so_pretend_explains_the_gpu_config():
+    config, source = select_config("fwd", spec(device_type="cpu"), H100)  # CPU tensors under pretend(H100)
+    assert source.startswith("shipped default (not measured) for sm_90")
+
+
 def test_gpu_without_tuned_entry_uses_shipped_default_and_says_not_measured():
     for caps in (H100, MI300):
         for kernel in ("fwd", "bwd"):

@@ -67,7 +67,7 @@ def select_config(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[T
     The source reads after "from": ``user cache (/path/file.json)``, ``shipped default (not measured)
     for sm_90: ...``, ``heuristic (no tuned entry; ...)``, ``interpreter default``.  Never raises.
     """
-    if not caps.is_gpu or spec.device_type == "cpu":
+    if not caps.is_gpu:  # caps, not the tensors, decide: under capabilities.pretend() explain the GPU
         return interpreter_config(spec), INTERPRETER_SOURCE
     memo_key = (kernel, spec, caps, envs.cache_dir(), envs.autotune_on_miss())
     try:
@@ -107,7 +107,7 @@ def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tupl
         where = path if loaded.healthy else f"{path}, kept in memory: {loaded.status}"
         return found, f"user cache ({where})"
     trouble = "" if loaded.healthy else f"; {loaded.status}"
-    if envs.autotune_on_miss() and not torch.compiler.is_compiling():
+    if envs.autotune_on_miss() and spec.device_type == "cuda" and not torch.compiler.is_compiling():
         tuned, why = _tune_on_miss(kernel, spec, caps, key, path)
         if tuned is not None:
             return tuned, why
