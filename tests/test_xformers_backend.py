@@ -76,7 +76,7 @@ def test_top_left_causal_is_lower_triangular(monkeypatch, sq, sk):
 
 @pytest.mark.parametrize("sq,sk", [(30, 70), (70, 30)])
 def test_bottom_right_causal(monkeypatch, sq, sk):
-    calls = install(monkeypatch)
+    calls = install(monkeypatch, nan_rows=True)
     q, k, v = tensors(1, 2, 2, sq, sk, 32, seed=1)
     out, lse = run(q, k, v, mask_mod=da.masks.causal(bottom_right=True))
     assert type(bias_of(calls)) is ab.LowerTriangularFromBottomRightMask
@@ -135,7 +135,7 @@ def test_document_causal_window(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_dense_attn_mask_is_tensor_bias(monkeypatch, kind):
-    calls = install(monkeypatch)
+    calls = install(monkeypatch, nan_rows=True)
     q, k, v = tensors(2, 2, 2, 20, 30, 32, seed=6)
     g = torch.Generator().manual_seed(7)
     keep = torch.rand(2, 1, 20, 30, generator=g) > 0.3
@@ -329,3 +329,27 @@ def test_bias_class_materialises_to_the_contract_mask(sq, sk, left, right, causa
     bias = _band_bias(ab, kind, mask_plan(spec), sq, sk)
     got = torch.ones(sq, sk, dtype=torch.bool) if bias is None else torch.isfinite(bias.materialize((sq, sk)))
     assert torch.equal(got, keep), (kind, got, keep)
+
+
+@pytest.mark.parametrize("mask", ["bottom_right", "document"])
+def test_gradients_flow_through_the_translation(monkeypatch, mask):
+    install(monkeypatch)
+    ids = torch.tensor([0] * 5 + [1] * 9 + [0] * 6 + [2] * 4)
+    sk = 24 if mask == "document" else 16
+    q, k, v = (t.requires_grad_() for t in tensors(1, 4, 2, 24, sk, 32, dtype=torch.float32))
+    mod = da.masks.document(ids) & da.masks.causal() if mask == "document" else da.masks.causal(bottom_right=True)
+    spec = build_spec(q, k, v, enable_gqa=True, mask_mod=mod)
+    call = AttentionCall(q, k, v, None, spec.mask, None, 32 ** -0.5, 0.0, False, True, False, "bhsd")
+    with pretend(caps("sm_80")):
+        out, _ = XformersBackend().run(call, spec)
+    out.pow(2).sum().backward()
+    i, j = ij(24, sk)
+    keep = (ids[:, None] == ids[None, :]) & (j <= i) if mask == "document" else j <= i + sk - 24
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (q64 @ k64.repeat_interleave(2, 1).transpose(-1, -2) * 32 ** -0.5).masked_fill(~keep, float("-inf"))
+    empty = ~keep.any(-1, keepdim=True)
+    probs = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    ref = probs @ v64.repeat_interleave(2, 1)
+    ref.pow(2).sum().backward()
+    for got, want in zip((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

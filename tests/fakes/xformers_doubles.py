@@ -1,8 +1,8 @@
 """A test double for ``xformers.ops.fmha``: xFormers' real ``attn_bias`` classes (they work on CPU), and
 ``memory_efficient_attention`` / ``memory_efficient_attention_forward_requires_grad`` computed in float64
 from ``attn_bias.materialize`` (xFormers' own definition of each bias).  Calls are recorded.  Like the
-cutlass kernels, the lse is padded to a multiple of 32 rows; rows with no key come back as NaN so that
-the backend's fix-up is exercised.
+cutlass kernels, the lse is padded to a multiple of 32 rows.  Rows with no key come back as zeros, or as
+NaN with ``nan_rows=True`` (to check that the backend's forward fix-up does not rely on the kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 
-def _compute(q, k, v, attn_bias, p, scale):
+def _compute(q, k, v, attn_bias, p, scale, nan_rows):
     five = q.dim() == 5
     if five:  # BMGHK -> BMHK
         b, m, g, h, d = q.shape
@@ -27,7 +27,9 @@ def _compute(q, k, v, attn_bias, p, scale):
     elif attn_bias is not None:
         s = s + attn_bias.materialize(tuple(s.shape[-2:]), dtype=torch.float64)
     lse = torch.logsumexp(s, -1)
-    out = (torch.softmax(s, -1) @ vd).transpose(1, 2).to(q.dtype)  # NaN on rows with no key
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    probs = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, float("nan") if nan_rows else 0.0)
+    out = (probs @ vd).transpose(1, 2).to(q.dtype)
     pad = -(-lse.shape[-1] // 32) * 32 - lse.shape[-1]
     lse = torch.nn.functional.pad(lse.float(), (0, pad), value=float("inf"))
     if five:
@@ -36,7 +38,7 @@ def _compute(q, k, v, attn_bias, p, scale):
     return out, lse
 
 
-def make_fmha(recorder: list):
+def make_fmha(recorder: list, nan_rows: bool = False):
     attn_bias = pytest.importorskip("xformers.ops.fmha.attn_bias")
 
     mod = types.ModuleType("xformers.ops.fmha")
@@ -46,7 +48,7 @@ def make_fmha(recorder: list):
                                    output_dtype=None):
         recorder.append(("memory_efficient_attention", (query, key, value), dict(attn_bias=attn_bias, p=p,
                                                                                  scale=scale)))
-        return _compute(query, key, value, attn_bias, p, scale)[0]
+        return _compute(query, key, value, attn_bias, p, scale, nan_rows)[0]
 
     def memory_efficient_attention_forward_requires_grad(query, key, value, attn_bias=None, p=0.0, scale=None,
                                                          *, op=None, output_dtype=None):
@@ -54,14 +56,14 @@ def make_fmha(recorder: list):
                          dict(attn_bias=attn_bias, p=p, scale=scale)))
         if p != 0.0:
             raise NotImplementedError("dropout is not supported on the non-autograd API.")
-        return _compute(query, key, value, attn_bias, p, scale)
+        return _compute(query, key, value, attn_bias, p, scale, nan_rows)
 
     mod.memory_efficient_attention = memory_efficient_attention
     mod.memory_efficient_attention_forward_requires_grad = memory_efficient_attention_forward_requires_grad
     return mod
 
 
-def install(monkeypatch) -> list:
+def install(monkeypatch, nan_rows: bool = False) -> list:
     calls: list = []
-    monkeypatch.setitem(sys.modules, "xformers.ops.fmha", make_fmha(calls))
+    monkeypatch.setitem(sys.modules, "xformers.ops.fmha", make_fmha(calls, nan_rows))
     return calls
