@@ -357,6 +357,21 @@ def test_decision_features(feature, device):
     assert all(isinstance(r, str) and r.code and len(r) > 20 for r in reasons)
 
 
+NEVER = {"alibi_noncausal", "prefix_lm", "opaque_lambda", "dense_mask"}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_decision_features_every_arch(feature, arch):
+    """FA2 2.8.3 everywhere, plus FA3 on sm_90 and FA4 on sm_100 (as a typical install would have)."""
+    lib = dict(fa3="3.0.0" if arch == "sm_90" else None, fa4="4.0.0" if arch == "sm_100" else None)
+    ok = (arch in CUDA_FA2 or arch in ROCM_CK) and feature not in NEVER
+    if feature == "softcap" and arch in ROCM_CK:  # CK ignores softcap
+        ok = False
+    reasons = FlashBackend().why_not(spec_for(**FEATURES[feature]), caps(arch, **lib))
+    assert (reasons == []) is ok, reasons
+
+
 def test_opaque_and_dense_sentences():
     reasons = FlashBackend().why_not(spec_for(**FEATURES["opaque_lambda"]), caps())
     assert reasons == ["an arbitrary score_mod/mask_mod cannot be expressed as flash-attn arguments "
