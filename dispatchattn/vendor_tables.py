@@ -47,12 +47,12 @@ class FlashImpl:
 
 _FA2_FEATURES = {
     "dropout": "2.0.0",  # FA README: dropout fwd+bwd in every 2.x
-    "window": "2.3.0",  # FA README changelog "2.3: Local (i.e., sliding window) attention"
+    "window": "2.3.0",  # FA README "2.3: Local (i.e., sliding window) attention"
     "window_backward": "2.3.0",
-    "softcap": "2.6.0",  # FA README changelog "2.6: Softcapping"
-    "alibi": "2.4.0",  # FA README changelog "2.4: ALiBi (attention with linear bias)"
+    "softcap": "2.6.0",  # FA README "2.6: Softcapping"
+    "alibi": "2.4.0",  # FA README "2.4: ALiBi (attention with linear bias)"
     "varlen": "2.0.0",  # flash_attn_varlen_func (renamed from flash_attn_unpadded_* in 2.0)
-    "deterministic": "2.4.1",  # FA README changelog "2.4.1: deterministic backward pass"
+    "deterministic": "2.4.1",  # FA README "2.4: ALiBi ..., deterministic backward pass"; the argument: v2.4.1
     "lse": "2.0.0",  # return_attn_probs=True returns (out, softmax_lse, S_dmask) in all 2.x
     "backward": "2.0.0",
 }
@@ -80,7 +80,8 @@ FLASH_IMPLS: dict[str, FlashImpl] = {
                    "varlen": "0", "deterministic": "0", "lse": "0", "backward": "0"},
                   head_dim_multiple=8,  # FA cute/interface.py: hd 8..256 in steps of 8 on SM90
                   source="FA flash_attn/cute/interface.py (fa4-v4.0.0 betas)"),
-        # FA setup.py + csrc/flash_attn_ck (v2.8.3): gfx90a/gfx942/gfx950; softcap is accepted but
+        # FA setup.py validate_and_update_archs (v2.8.3): allowed_archs ["native", "gfx90a", "gfx950",
+        # "gfx942"]; csrc/flash_attn_ck: softcap is accepted but
         # ignored by the CK kernels, so it is not claimed.
         FlashImpl("fa2_ck", "FA2 ROCm CK", "flash_attn", "rocm", frozenset({"gfx90a", "gfx942", "gfx950"}),
                   HALF, 256,
