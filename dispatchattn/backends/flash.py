@@ -83,6 +83,9 @@ def mask_plan(spec: AttentionSpec) -> MaskPlan:
     return MaskPlan(lo, hi, doc)
 
 
+_CHOICES: dict[tuple, tuple[FlashImpl, Version, MaskPlan]] = {}
+
+
 def _fmt(v: Version | None) -> str:
     return str(v) if v is not None else "?"
 
@@ -140,11 +143,21 @@ class FlashBackend(Backend):
         return all_reasons
 
     def choose(self, spec: AttentionSpec, caps: DeviceCaps) -> tuple[FlashImpl, Version, MaskPlan]:
-        """The entry point that runs ``spec`` on ``caps`` (raises with every reason when none can)."""
+        """The entry point that runs ``spec`` on ``caps`` (raises with every reason when none can).
+        Memoised per (spec, caps, determinism, env) outside of tracing, so a warm eager call pays a lookup."""
+        compiling = torch.compiler.is_compiling()
+        key = (spec, caps, torch.are_deterministic_algorithms_enabled(), envs.flash_triton_amd())
+        hit = None if compiling else _CHOICES.get(key)
+        if hit is not None:
+            return hit
         plan = mask_plan(spec)
         if not _structure_reasons(spec, plan):
             for impl, version in self._candidates(caps):
                 if not _impl_reasons(impl, version, spec, caps, plan):
+                    if not compiling:
+                        if len(_CHOICES) >= 256:
+                            _CHOICES.clear()
+                        _CHOICES[key] = (impl, version, plan)
                     return impl, version, plan
         raise RuntimeError("flash cannot run this call: " + "; ".join(self.why_not(spec, caps)))
 
@@ -271,7 +284,7 @@ def _impl_reasons(impl: FlashImpl, version: Version, spec: AttentionSpec, caps: 
         reasons += _needs(impl, version, "window", f"window_size={window}", label)
         if spec.requires_grad:
             reasons += _needs(impl, version, "window_backward", f"window_size={window} with grad", label)
-        if impl.key == "fa2" and plan.document is None and window[1] >= spec.seq_kv:
+        if impl.key.startswith("fa2") and plan.document is None and window[1] >= spec.seq_kv:
             reasons.append(Reason("window_clamped", f"window right {window[1]} >= seq_kv {spec.seq_kv}: {label} "
                                   "would turn it into an unbounded window (flash_api.cpp)"))
     score = spec.structured_score
