@@ -26,9 +26,10 @@ SCALE = D**-0.5
 TOL = {"out": 2e-6, "lse": 1.5e-6, "grad": 3e-6, "table": 3e-5}
 
 
-def reference(q, k, v, score_mod, mask_mod, scale):
-    """float64 softmax attention with FlexAttention semantics, from scratch (broadcast index grids)."""
-    q, k, v = q.double(), k.double(), v.double()
+def reference(q, k, v, score_mod, mask_mod, scale, dtype=torch.float64):
+    """Softmax attention with FlexAttention semantics, from scratch (broadcast index grids), in ``dtype``
+    (float64 for the oracle; a 16-bit dtype to measure what plain PyTorch loses in that precision)."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q @ k.transpose(-1, -2) * scale

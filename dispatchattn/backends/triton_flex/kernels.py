@@ -24,11 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from ...autotune_cache.config import TileConfig
 from .codegen import MAX_BUFFERS
 
 LOG2E: tl.constexpr = 1.4426950408889634
 LN2: tl.constexpr = 0.6931471805599453
+# Triton's CPU interpreter has no bf16 arithmetic (numpy): there, tiles are widened to fp32 on load.
+INTERPRETED: tl.constexpr = envs.triton_interpret()
 
 
 @triton.jit
@@ -55,7 +58,10 @@ def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
 @triton.jit
 def _load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
     mask = (offs[:, None] < ROWS) & (offs_d[None, :] < DIM)
-    return tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    tile = tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if INTERPRETED:
+        tile = tile.to(tl.float32)
+    return tile
 
 
 @triton.jit
