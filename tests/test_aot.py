@@ -107,7 +107,7 @@ def test_corrupt_cache_entry_is_recompiled(monkeypatch, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     calls = []
-    monkeypatch.setattr(aot, "compile_in_workers", lambda payloads, workers: calls.append(1) or [{"error": "x"}])
+    monkeypatch.setattr(aot, "compile_in_workers", lambda payloads, *a: calls.append(1) or [{"error": "x"}])
     aot.compile_jobs([job])
     assert calls and json.loads(path.read_text()) == {"error": "x"}
 

@@ -35,6 +35,8 @@ from .aot_compile import JIT_MARKER, compile_in_workers
 
 FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
 MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
+#: Kernels with no ``tl.dot`` (row-wise reductions): no matrix instruction is expected of them.
+KERNELS_WITHOUT_DOT = frozenset({"bwd_preprocess"})
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -148,6 +150,13 @@ def _describe(record: AotRecord) -> str:
     return f"{text} {record.dtype}" + (f" ({record.variant})" if record.variant != "plain" else "")
 
 
+def _expected_matrix_instr(kernel: str, dtype: str, arch: ArchInfo) -> str | None:
+    """The arch's fp16/bf16 matrix instruction for kernels that multiply tiles; None otherwise (fp32: FMA)."""
+    if dtype not in ("bf16", "fp16") or kernel in KERNELS_WITHOUT_DOT:
+        return None
+    return arch.matrix_instr
+
+
 def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]:
     """Every reason ``record``'s config may not ship on ``arch`` (default: its target); [] if it may."""
     arch = arch or ARCHS[record.target]
@@ -166,7 +175,7 @@ def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]
             f"{'scratch' if arch.vendor == 'rocm' else 'local memory'} at {record.registers} registers "
             f"(limit {arch.max_regs_per_thread}, allowed spill {MAX_SPILL_BYTES} B)"
         )
-    expected = arch.matrix_instr if record.dtype in ("bf16", "fp16") else None
+    expected = _expected_matrix_instr(record.kernel, record.dtype, arch)
     if expected and record.matrix_instr != expected:
         reasons.append(f"{what} uses {record.matrix_instr} instead of {expected} matrix instructions on {where}")
     return reasons
@@ -192,7 +201,7 @@ def record_from_result(job: AotJob, result: dict) -> AotRecord:
         smem_limit=job.arch.smem_per_block,
         register_limit=job.arch.max_regs_per_thread,
         triton_version=_triton_version(),
-        expected_matrix_instr=job.arch.matrix_instr if job.dtype in ("bf16", "fp16") else None,
+        expected_matrix_instr=_expected_matrix_instr(job.kernel, job.dtype, job.arch),
         **resources,
     )
     record.reason = reject_reason(record)
@@ -275,12 +284,17 @@ def portable_constexprs(constexprs: dict) -> dict:
     }
 
 
-def compile_jobs(jobs: list[AotJob], workers: int | None = None, use_cache: bool = True) -> list[AotRecord]:
-    """Records of ``jobs`` in order: cached ones read from disk, the rest compiled in parallel and cached."""
+def compile_jobs(
+    jobs: list[AotJob], workers: int | None = None, use_cache: bool = True, progress=None
+) -> list[AotRecord]:
+    """Records of ``jobs`` in order: cached ones read from disk, the rest compiled in parallel and cached.
+
+    ``workers``: compile processes (default: the usable CPUs); ``progress(done, total)`` while compiling.
+    """
     results = [_load_cached(job) if use_cache else None for job in jobs]
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
-        fresh = compile_in_workers([jobs[i].payload() for i in missing], workers)
+        fresh = compile_in_workers([jobs[i].payload() for i in missing], workers, progress)
         for i, result in zip(missing, fresh):
             results[i] = result
             if not result.pop("transient", False):
@@ -311,14 +325,19 @@ def make_job(
     mask_mod=None,
     score_mod=None,
     variant: str | None = None,
+    generated=None,
     **flags,
 ) -> AotJob:
-    """The compile job of ``kernel`` of the generated (``score_mod``, ``mask_mod``) variant on ``target``."""
+    """The compile job of ``kernel`` of the generated (``score_mod``, ``mask_mod``) variant on ``target``.
+
+    ``generated``: the output of ``codegen.generate(score_mod, mask_mod)`` when the caller has it already.
+    ``flags`` go to ``kernels.aot_entry`` (``seq_divisible``, ``write_lse``, ``accumulate``, ...).
+    """
     from . import codegen, kernels
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    generated = codegen.generate(score_mod, mask_mod)
+    generated = generated or codegen.generate(score_mod, mask_mod)
     jit_fn, signature, constexprs = kernels.aot_entry(
         kernel, generated, torch_dtype, head_dim, head_dim_v, config, **flags
     )
@@ -374,3 +393,17 @@ def check_config(
     ``record.fits`` says whether the config may ship there; ``reject_reason(record)`` says why not.
     """
     return compile_report(kernel, config, target, dtype, head_dim, head_dim_v, **kwargs)
+
+
+def add_aot_parser(subparsers):
+    """``python -m dispatchattn aot``: see ``aot_report.add_aot_parser``."""
+    from .aot_report import add_aot_parser as add
+
+    return add(subparsers)
+
+
+def run_aot(args) -> int:
+    """Run ``python -m dispatchattn aot``: see ``aot_report.run_aot``."""
+    from .aot_report import run_aot as run
+
+    return run(args)

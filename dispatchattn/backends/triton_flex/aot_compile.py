@@ -26,13 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: A ``tl.constexpr`` that is itself a ``@triton.jit`` function (a generated score_mod / mask_mod) travels to
 #: the worker as ``(JIT_MARKER, module, file, name)`` and is imported there.
 JIT_MARKER = "triton.jit"
-
-_WORKER_TIMEOUT_S = 900
 
 # Matrix-instruction families, most specific first, and the mnemonics that identify them.
 MATRIX_FAMILIES: tuple[tuple[str, str], ...] = (
@@ -145,10 +144,12 @@ def resolve_constexprs(constexprs: dict) -> dict:
     }
 
 
-def _error_line(exc: Exception) -> str:
-    """The exception's type and last non-empty message line (compiler errors end with the useful line)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (type(exc).__name__ + (f": {lines[-1]}" if lines else ""))[:500]
+def _error_line(exc: BaseException) -> str:
+    """The root cause's type and first message line (Triton wraps it in CompilationErrors that point at source)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
+    return (type(exc).__name__ + (f": {lines[0]}" if lines else ""))[:400]
 
 
 def compile_one(job: dict) -> dict:
@@ -174,46 +175,47 @@ def compile_one(job: dict) -> dict:
     return resources
 
 
-def _run_chunk(payloads: list[dict], workdir: Path, index: int) -> subprocess.Popen:
-    jobs_path = workdir / f"jobs{index}.pkl"
-    jobs_path.write_bytes(pickle.dumps(payloads))
-    package_root = str(Path(__file__).resolve().parents[3])
-    argv = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        package_root,
-        str(jobs_path),
-        str(workdir / f"results{index}.pkl"),
-    ]
-    stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed when the process is reaped
+def _start_worker(workdir: Path, index: int) -> subprocess.Popen:
+    worker = Path(__file__).resolve()
+    package_root = str(worker.parents[3])  # the folder holding the dispatchattn package
+    stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed after the process ends
+    argv = [sys.executable, str(worker), package_root, str(workdir)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def compile_in_workers(payloads: list[dict], workers: int | None = None) -> list[dict]:
-    """Compile ``payloads`` in ``workers`` (default: every usable CPU) clean processes of this file.
+def _collect(workdir: Path, count: int, codes: list[int | None]) -> list[dict]:
+    tails = " | ".join((workdir / f"stderr{i}.txt").read_text()[-200:].strip() for i in range(len(codes)))
+    results = []
+    for index in range(count):
+        path = workdir / f"result-{index}.pkl"
+        if path.exists():
+            results.append(pickle.loads(path.read_bytes()))
+        else:  # claimed by a worker that died while compiling it (or never reached)
+            results.append({"error": f"compile worker exited {codes} on this job: {tails}", "transient": True})
+    return results
 
-    Results come back in order; a job whose worker died or hung gets an ``error`` result marked transient.
+
+def compile_in_workers(
+    payloads: list[dict], workers: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> list[dict]:
+    """Compile ``payloads`` in ``workers`` (default: every usable CPU) clean processes running this file.
+
+    Workers claim jobs one at a time (so long and short compiles balance); results come back in order.
+    A job whose worker died gets an ``error`` result marked ``transient`` (not cached).
+    ``progress(done, total)`` is called about once a second while compiling.
     """
     workers = max(1, min(workers or default_workers(), len(payloads)))
-    chunks = [list(range(i, len(payloads), workers)) for i in range(workers)]
-    results: list[dict] = [{} for _ in payloads]
     with tempfile.TemporaryDirectory(prefix="dispatchattn-aot-") as tmp:
         workdir = Path(tmp)
-        procs = [_run_chunk([payloads[j] for j in chunk], workdir, i) for i, chunk in enumerate(chunks)]
-        for i, (proc, chunk) in enumerate(zip(procs, chunks)):
-            try:
-                code = proc.wait(timeout=_WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+        (workdir / "jobs.pkl").write_bytes(pickle.dumps(payloads))
+        procs = [_start_worker(workdir, i) for i in range(workers)]
+        while any(proc.poll() is None for proc in procs):
+            if progress:
+                progress(len(list(workdir.glob("result-*.pkl"))), len(payloads))
+            time.sleep(1.0)
+        for proc in procs:
             proc.stderr.close() if proc.stderr else None
-            path = workdir / f"results{i}.pkl"
-            done = pickle.loads(path.read_bytes()) if path.exists() else []
-            tail = (workdir / f"stderr{i}.txt").read_text()[-300:].strip()
-            for pos, j in enumerate(chunk):
-                crashed = {"error": f"worker exited ({code}): {tail}", "transient": True}
-                results[j] = done[pos] if pos < len(done) else crashed
-    return results
+        return _collect(workdir, len(payloads), [proc.returncode for proc in procs])
 
 
 def default_workers() -> int:
@@ -224,9 +226,17 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _claim(workdir: Path, index: int) -> bool:
+    try:
+        os.close(os.open(workdir / f"claim-{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def main(argv: list[str]) -> int:
-    """``aot_compile.py PACKAGE_ROOT JOBS.pkl RESULTS.pkl``: compile every job, write the results in order."""
-    package_root, jobs_path, results_path = argv
+    """``aot_compile.py PACKAGE_ROOT WORKDIR``: claim and compile jobs of WORKDIR/jobs.pkl until none is left."""
+    package_root, workdir = argv[0], Path(argv[1])
     sys.path[0] = package_root  # not this file's folder: kernel modules are imported as package modules
     # This worker's own environment, before Triton is imported: with the interpreter on, ``@triton.jit``
     # (Triton's own library functions included) would give functions that cannot be compiled.
@@ -235,12 +245,13 @@ def main(argv: list[str]) -> int:
 
     # A private Triton cache: every compile is real (honest compile seconds) and ~/.triton is not filled;
     # the records themselves are cached by ``aot.py``.
-    triton.knobs.cache.dir = str(Path(results_path).parent / f"triton-cache-{os.getpid()}")
-    jobs = pickle.loads(Path(jobs_path).read_bytes())
-    results = []
-    for job in jobs:
-        results.append(compile_one(job))
-        Path(results_path).write_bytes(pickle.dumps(results))  # partial results survive a crash
+    triton.knobs.cache.dir = str(workdir / f"triton-cache-{os.getpid()}")
+    jobs = pickle.loads((workdir / "jobs.pkl").read_bytes())
+    for index, job in enumerate(jobs):
+        if _claim(workdir, index):
+            partial = workdir / f"result-{index}.tmp"
+            partial.write_bytes(pickle.dumps(compile_one(job)))
+            os.replace(partial, workdir / f"result-{index}.pkl")
     return 0
 
 

@@ -1,0 +1,263 @@
+"""What to compile ahead of time (kernels x variants x configs x targets), and the tables that report it.
+
+``python -m dispatchattn aot`` is implemented here:
+
+    python -m dispatchattn aot --target sm_90,gfx942 --mask causal --score softcap
+    python -m dispatchattn aot --config 128,64,8,3 --target sm_86 --json
+    python -m dispatchattn aot --head-dim 64,128,256 --markdown > docs/aot_resources.md
+
+Variants are built from ``dispatchattn.masks`` / ``dispatchattn.scores``; configs come from the shipped
+defaults (``autotune_cache/defaults``), the autotune config space, or the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ... import masks, scores
+from ...autotune_cache import shipped, space
+from ...autotune_cache.config import TileConfig
+from ...capabilities import AOT_TARGETS, ARCHS
+from . import aot
+
+_HEADS = 8  # heads of the captured tables of the alibi / relative-bias variants (shapes only matter)
+_SEQ = 4096
+
+#: Mask variants by CLI name: factories, so captured tensors are built only when asked for.
+MASKS: dict[str, Callable[[], object]] = {
+    "causal": lambda: masks.causal(),
+    "sliding_window": lambda: masks.sliding_window(256),
+    "prefix_lm": lambda: masks.prefix_lm(256),
+    "document": lambda: masks.document(torch.arange(_SEQ, dtype=torch.int32) // 512),
+}
+#: Score variants by CLI name.
+SCORES: dict[str, Callable[[], object]] = {
+    "softcap": lambda: scores.softcap(30.0),
+    "alibi": lambda: scores.alibi(2.0 ** -torch.arange(1, _HEADS + 1, dtype=torch.float32)),
+    "relative_bias": lambda: scores.relative_bias(torch.zeros(_HEADS, 2 * _SEQ - 1)),
+}
+#: The variants the shipped defaults are checked with (issue 10): name -> (mask name, score name).
+CHECKED_VARIANTS: dict[str, tuple[str | None, str | None]] = {
+    "plain": (None, None),
+    "causal": ("causal", None),
+    "sliding_window": ("sliding_window", None),
+    "softcap": (None, "softcap"),
+    "alibi": (None, "alibi"),
+    "relative_bias": (None, "relative_bias"),
+}
+#: Launch kernels per autotuned kernel: one backward config drives all three backward launches.
+LAUNCHES: dict[str, tuple[str, ...]] = {"fwd": ("fwd",), "bwd": ("bwd_preprocess", "bwd_dkdv", "bwd_dq")}
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def variant_name(mask: str | None, score: str | None) -> str:
+    """CLI names joined: "plain", "causal", "causal+softcap"."""
+    return "+".join(name for name in (mask, score) if name) or "plain"
+
+
+def shipped_config(tune_kernel: str, target: str, dtype: str, head_dim: int) -> TileConfig | None:
+    """The shipped default of ``tune_kernel`` ("fwd" / "bwd") for ``target``, or None if none ships."""
+    found = shipped.lookup(tune_kernel, target, TORCH_DTYPE_NAMES[dtype], head_dim, head_dim)
+    return found[0] if found else None
+
+
+def configs_for(tune_kernel: str, target: str, dtype: str, head_dim: int, source: str) -> list[TileConfig]:
+    """Configs to check: "shipped" (the default that ships), "space" (the whole autotune space)."""
+    if source == "space":
+        return space.config_space(tune_kernel, target, aot.DTYPES[dtype], head_dim, head_dim)
+    config = shipped_config(tune_kernel, target, dtype, head_dim)
+    return [config] if config else []
+
+
+def plan(
+    targets: list[str],
+    variants: list[tuple[str | None, str | None]],
+    dtypes: list[str],
+    head_dims: list[int],
+    kernels: list[str] | None = None,
+    source: str = "shipped",
+    config: TileConfig | None = None,
+) -> list[aot.AotJob]:
+    """Every (variant, kernel, dtype, head dim, config, target) job; ``config`` overrides ``source``.
+
+    The kernel preprocess pass does not depend on the mods, so it is planned for the first variant only.
+    """
+    from . import codegen
+
+    jobs = []
+    for position, (mask, score) in enumerate(variants):
+        generated = codegen.generate(SCORES[score]() if score else None, MASKS[mask]() if mask else None)
+        for tune_kernel, launches in LAUNCHES.items():
+            for launch in launches:
+                if (kernels and launch not in kernels) or (launch == "bwd_preprocess" and position > 0):
+                    continue
+                for dtype in dtypes:
+                    for head_dim in head_dims:
+                        for target in targets:
+                            chosen = [config] if config else configs_for(tune_kernel, target, dtype, head_dim, source)
+                            jobs += [
+                                aot.make_job(launch, c, target, dtype, head_dim, generated=generated,
+                                             variant=variant_name(mask, score))
+                                for c in chosen
+                            ]  # fmt: skip
+    return jobs
+
+
+def shipped_defaults_digest() -> str:
+    """sha256 of every shipped default config (targets, entry names, configs; not dates or notes)."""
+    configs = {}
+    for path in sorted(shipped.DEFAULTS_DIR.glob("*.json")):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        configs[path.stem] = {name: entry.get("config") for name, entry in document.get("tile_configs", {}).items()}
+    return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+COLUMNS = ("target", "kernel", "variant", "dtype", "D", "config", "smem B", "regs", "spill B", "occ",
+           "matrix", "compile s", "verdict")  # fmt: skip
+
+
+def _config_text(record: aot.AotRecord) -> str:
+    cfg = record.tile
+    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    if cfg.waves_per_eu or cfg.matrix_instr_nonkdim or cfg.kpack != 1:
+        text += f" wpe{cfg.waves_per_eu} mfma{cfg.matrix_instr_nonkdim} kpack{cfg.kpack}"
+    return text
+
+
+def _verdict(record: aot.AotRecord) -> str:
+    if record.fits:
+        return "fits"
+    if record.error:
+        return "DOES NOT COMPILE"
+    problems = []
+    if (record.total_shared_bytes or 0) > record.smem_limit:
+        problems.append("SMEM")
+    if (record.spill_bytes or 0) > aot.MAX_SPILL_BYTES or (record.spill_count or 0) > 0:
+        problems.append("SPILLS")
+    if record.expected_matrix_instr and record.matrix_instr != record.expected_matrix_instr:
+        problems.append("NO MMA")
+    return " + ".join(problems)
+
+
+def row(record: aot.AotRecord) -> list[str]:
+    """One table row of ``record`` (the cells of ``COLUMNS``)."""
+
+    def num(value) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    smem = "-" if record.shared_bytes is None else f"{record.total_shared_bytes:,} / {record.smem_limit:,}"
+    dims = f"{record.head_dim}" + (f"/{record.head_dim_v}" if record.head_dim_v != record.head_dim else "")
+    return [record.target, record.kernel, record.variant, record.dtype, dims, _config_text(record), smem,
+            num(record.registers), num(record.spill_bytes), num(record.occupancy), record.matrix_instr,
+            f"{record.compile_seconds:.1f}", _verdict(record)]  # fmt: skip
+
+
+def render_text(records: list[aot.AotRecord]) -> str:
+    """A fixed-width table, then every reason a config does not fit."""
+    rows = [list(COLUMNS)] + [row(r) for r in records]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    reasons = [f"- {r.reason}" for r in records if r.reason]
+    return "\n".join(lines + ([""] + reasons if reasons else []))
+
+
+def render_markdown(records: list[aot.AotRecord], command: str) -> str:
+    """The resource report as a Markdown page with a header that ``test_aot_docs.py`` checks."""
+    versions = f"Triton {aot._triton_version()}, torch {torch.__version__}"
+    today = datetime.date.today().isoformat()
+    head = [
+        "# Ahead-of-time resources of the triton_flex kernels",
+        "",
+        f"Generated by `{command}` on {today} with {versions}, on a machine without a GPU:",
+        "every kernel is compiled for each target with `triton.compile(..., target=GPUTarget(...))`.",
+        "Do not edit by hand; regenerate with the command above when kernels, defaults or Triton change.",
+        "",
+        f"<!-- aot-report shipped-defaults-sha256={shipped_defaults_digest()} triton={aot._triton_version()} -->",
+        "",
+        "Columns: `smem B` = dynamic + static shared memory (LDS) per block / the target's opt-in maximum;",
+        "`regs` = registers per thread (NVIDIA, cuobjdump) or VGPRs (AMD, arch + accumulation);",
+        "`spill B` = local-memory stack frame per thread (NVIDIA) or scratch per lane (AMD);",
+        "`occ` = waves per SIMD as the AMD compiler reports it; `matrix` = the tensor-core instruction",
+        "family found in the PTX / AMDGCN.  A config fits when it compiles, its shared memory fits, it spills at",
+        f"most {aot.MAX_SPILL_BYTES} B and it uses the target's fp16/bf16 matrix instruction.",
+        "",
+    ]
+    body = []
+    for target in dict.fromkeys(r.target for r in records):
+        arch = ARCHS[target]
+        body += [f"## {target} ({arch.flagship})", "", "| " + " | ".join(COLUMNS[1:]) + " |",
+                 "|" + "---|" * (len(COLUMNS) - 1)]  # fmt: skip
+        body += ["| " + " | ".join(row(r)[1:]) + " |" for r in records if r.target == target]
+        body.append("")
+    rejected = [f"- {r.reason}" for r in records if r.reason]
+    tail = ["## Configs that do not fit", ""] + (rejected or ["None."]) + [""]
+    return "\n".join(head + body + tail)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_aot_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``aot`` to the ``python -m dispatchattn`` subcommands."""
+    p = subparsers.add_parser("aot", help="compile the Triton kernels for GPUs that are not present; report fit")
+    add = p.add_argument
+    add("--target", type=_csv, default=list(AOT_TARGETS), help=f"comma list (default: {','.join(AOT_TARGETS)})")
+    add("--mask", type=_csv, default=[], help=f"comma list of {','.join(MASKS)} (default: none)")
+    add("--score", type=_csv, default=[], help=f"comma list of {','.join(SCORES)} (default: none)")
+    add("--variants", choices=["checked"], help="the variants the tests check (plain, causal, window, ...)")
+    add("--kernel", type=_csv, default=None, help="comma list of fwd,bwd_preprocess,bwd_dkdv,bwd_dq")
+    add("--dtype", type=_csv, default=["bf16"], help="comma list of bf16,fp16,fp32 (default: bf16)")
+    add("--head-dim", type=lambda s: [int(x) for x in _csv(s)], default=[128], help="comma list (default: 128)")
+    add("--configs", choices=["shipped", "space"], default="shipped", help="shipped defaults or the whole space")
+    add("--config", default=None, help="force one config: BLOCK_M,BLOCK_N,WARPS,STAGES")
+    add("--workers", type=int, default=None, help="compile processes (default: the usable CPUs)")
+    add("--no-cache", action="store_true", help="recompile even when a cached record exists")
+    add("--check", action="store_true", help="exit 1 when any config does not fit")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the records as JSON")
+    out.add_argument("--markdown", action="store_true", help="print the Markdown report (docs/aot_resources.md)")
+    return p
+
+
+def _variants(args) -> list[tuple[str | None, str | None]]:
+    if args.variants == "checked":
+        return list(CHECKED_VARIANTS.values())
+    for name, known in [*((m, MASKS) for m in args.mask), *((s, SCORES) for s in args.score)]:
+        if name not in known:
+            raise SystemExit(f"aot: unknown variant {name!r}; expected one of {', '.join(known)}")
+    return [(m, s) for m in (args.mask or [None]) for s in (args.score or [None])]
+
+
+def run_aot(args) -> int:
+    """Plan, compile (or read cached records) and print the table; see ``add_aot_parser`` for the options."""
+    unknown = [t for t in args.target if t not in ARCHS] + [d for d in args.dtype if d not in aot.DTYPES]
+    if unknown:
+        raise SystemExit(f"aot: unknown target/dtype {unknown}; targets: {', '.join(ARCHS)}; dtypes: bf16,fp16,fp32")
+    config = TileConfig(*(int(x) for x in _csv(args.config))) if args.config else None
+    jobs = plan(args.target, _variants(args), args.dtype, args.head_dim, args.kernel, args.configs, config)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rcompiled {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    records = aot.compile_jobs(jobs, args.workers, use_cache=not args.no_cache, progress=progress)
+    print(file=sys.stderr)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=1))
+    elif args.markdown:
+        print(render_markdown(records, "python -m dispatchattn aot " + " ".join(sys.argv[2:])))
+    else:
+        print(render_text(records))
+    return 1 if args.check and not all(r.fits for r in records) else 0

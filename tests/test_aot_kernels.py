@@ -1,0 +1,104 @@
+"""Every shipped default tile config of the triton_flex kernels, compiled for every GPU target without a GPU.
+
+Each (variant, kernel, target, dtype, head dim) is its own test id.  A compile of the real kernels costs
+10-60 s of CPU (spilling configs the most), so the default suite compiles a representative set: the plain
+kernels for every target at the most common shape, the mods on one target per vendor.  Everything else is
+``@pytest.mark.slow`` (the scheduled CI job), as is the sweep over the whole autotune config space.
+Records are cached under ``cache_root()/aot/`` by kernel source, config, target and Triton version, so a
+warm run reads JSON and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from dispatchattn.backends.triton_flex import aot, aot_report  # noqa: E402
+from dispatchattn.capabilities import AOT_TARGETS, ARCHS  # noqa: E402
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+DTYPES = ("bf16", "fp16")
+HEAD_DIMS = (64, 128, 256)
+#: Where the mods are compiled in the default suite: one target per vendor's newest matrix instruction.
+MOD_TARGETS = ("sm_90", "gfx942")
+
+
+def in_default_suite(variant: str, kernel: str, target: str, dtype: str, head_dim: int) -> bool:
+    """The representative set compiled by the default (not slow) suite; keep it within a few minutes cold."""
+    if head_dim != 128:
+        return False
+    if variant == "plain":
+        if kernel in ("fwd", "bwd_preprocess"):
+            return dtype == "bf16" or target in MOD_TARGETS
+        return dtype == "bf16" and target in MOD_TARGETS
+    return kernel == "fwd" and dtype == "bf16" and target in MOD_TARGETS
+
+
+def _cases() -> list:
+    cases = []
+    for variant in aot_report.CHECKED_VARIANTS:
+        kernels = ("bwd_preprocess", *KERNELS) if variant == "plain" else KERNELS
+        for kernel in kernels:
+            for target in AOT_TARGETS:
+                for dtype in DTYPES:
+                    for head_dim in HEAD_DIMS:
+                        marks = () if in_default_suite(variant, kernel, target, dtype, head_dim) else pytest.mark.slow
+                        case_id = f"{variant}-{kernel}-{target}-{dtype}-d{head_dim}"
+                        cases.append(pytest.param(variant, kernel, target, dtype, head_dim, marks=marks, id=case_id))
+    return cases
+
+
+def _selected(session, function_name: str) -> list[tuple]:
+    """The parameter tuples of this file's ``function_name`` items that will run in this session."""
+    names = ("variant", "kernel", "target", "dtype", "head_dim")
+    return [
+        tuple(item.callspec.params[n] for n in names)
+        for item in session.items
+        if getattr(item, "originalname", None) == function_name and hasattr(item, "callspec")
+    ]
+
+
+@pytest.fixture(scope="session")
+def shipped_records(request) -> dict[tuple, aot.AotRecord | None]:
+    """All selected cases compiled in one parallel batch (or read from the cache); None: nothing ships."""
+    cases = _selected(request.session, "test_shipped_default_compiles_fits_and_uses_matrix_instructions")
+    jobs, keys = [], []
+    for variant, kernel, target, dtype, head_dim in cases:
+        tune_kernel = "fwd" if kernel == "fwd" else "bwd"
+        if aot_report.shipped_config(tune_kernel, target, dtype, head_dim) is None:
+            continue
+        mask, score = aot_report.CHECKED_VARIANTS[variant]
+        jobs += aot_report.plan([target], [(mask, score)], [dtype], [head_dim], [kernel])
+        keys.append((variant, kernel, target, dtype, head_dim))
+    records = aot.compile_jobs(jobs, workers=2)
+    found: dict[tuple, aot.AotRecord | None] = dict.fromkeys(cases)
+    found.update(zip(keys, records))
+    return found
+
+
+@pytest.mark.parametrize("variant, kernel, target, dtype, head_dim", _cases())
+def test_shipped_default_compiles_fits_and_uses_matrix_instructions(
+    shipped_records, variant, kernel, target, dtype, head_dim
+):
+    record = shipped_records[(variant, kernel, target, dtype, head_dim)]
+    if record is None:
+        pytest.skip(f"no shipped default for {kernel} {dtype} d{head_dim} on {target}")
+    assert record.error is None, record.reason
+    assert record.total_shared_bytes <= ARCHS[target].smem_per_block, record.reason
+    assert (record.spill_bytes or 0) <= aot.MAX_SPILL_BYTES and not record.spill_count, record.reason
+    assert record.matrix_instr == (record.expected_matrix_instr or record.matrix_instr), record.reason
+    assert record.fits, record.reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", AOT_TARGETS)
+@pytest.mark.parametrize("tune_kernel", ["fwd", "bwd"])
+def test_config_space_is_pruned_to_configs_that_fit(tune_kernel, target):
+    """The whole autotune space at bf16 D=128: report which configs the static estimate lets through but
+    the compiler rejects (the space should shrink to what fits)."""
+    jobs = aot_report.plan([target], [(None, None)], ["bf16"], [128], list(aot_report.LAUNCHES[tune_kernel]),
+                           source="space")  # fmt: skip
+    records = aot.compile_jobs(jobs)
+    rejected = [r.reason for r in records if not r.fits]
+    assert not rejected, "\n".join(rejected)
