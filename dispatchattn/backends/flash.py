@@ -145,8 +145,11 @@ class FlashBackend(Backend):
     def choose(self, spec: AttentionSpec, caps: DeviceCaps) -> tuple[FlashImpl, Version, MaskPlan]:
         """The entry point that runs ``spec`` on ``caps`` (raises with every reason when none can).
         Memoised per (spec, caps, determinism, env) outside of tracing, so a warm eager call pays a lookup."""
-        compiling = torch.compiler.is_compiling()
         key = (spec, caps, torch.are_deterministic_algorithms_enabled(), envs.flash_triton_amd())
+        try:
+            compiling = torch.compiler.is_compiling() or hash(key) is None
+        except TypeError:  # a user callable without __hash__ in the spec: no memo
+            compiling = True
         hit = None if compiling else _CHOICES.get(key)
         if hit is not None:
             return hit
