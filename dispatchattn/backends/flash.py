@@ -147,17 +147,17 @@ class FlashBackend(Backend):
         Memoised per (spec, caps, determinism, env) outside of tracing, so a warm eager call pays a lookup."""
         key = (spec, caps, torch.are_deterministic_algorithms_enabled(), envs.flash_triton_amd())
         try:
-            compiling = torch.compiler.is_compiling() or hash(key) is None
+            skip_memo = torch.compiler.is_skip_memo() or hash(key) is None
         except TypeError:  # a user callable without __hash__ in the spec: no memo
-            compiling = True
-        hit = None if compiling else _CHOICES.get(key)
+            skip_memo = True
+        hit = None if skip_memo else _CHOICES.get(key)
         if hit is not None:
             return hit
         plan = mask_plan(spec)
         if not _structure_reasons(spec, plan):
             for impl, version in self._candidates(caps):
                 if not _impl_reasons(impl, version, spec, caps, plan):
-                    if not compiling:
+                    if not skip_memo:
                         if len(_CHOICES) >= 256:
                             _CHOICES.clear()
                         _CHOICES[key] = (impl, version, plan)
