@@ -57,8 +57,8 @@ class OutOfResources(RuntimeError):
 
 
 def fake_bench(config: TileConfig) -> float:
-    """Deterministic 'time': bigger tiles and more stages are faster, 128x128 tiles 'run out of memory'."""
-    if config.block_m == 128 and config.block_n == 128:
+    """Deterministic 'time': bigger tiles and more stages are faster, 4 stages 'run out of memory'."""
+    if config.num_stages == 4:
         raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
     return 1e-3 * 4096 / (config.block_m * config.block_n) / config.num_stages + 1e-6 * config.num_warps
 
@@ -141,7 +141,7 @@ def test_tune_finds_the_fastest_and_scores_failures_inf():
     assert result.best_seconds == fake_bench(result.best)
     assert result.default == heuristic_config("fwd", "sm_90", torch.float16, 128)
     assert result.speedup == pytest.approx(fake_bench(result.default) / fake_bench(result.best))
-    failed = [c for c in result.timings if c.block_m == c.block_n == 128]
+    failed = [c for c in result.timings if c.num_stages == 4]
     assert failed and all(result.timings[c] == math.inf for c in failed)
     assert set(result.failures) == set(failed)
     assert "OutOfResources: out of resource: shared memory" in result.failures[failed[0]]
@@ -252,7 +252,7 @@ def test_cli_bad_mask_is_a_clear_error(text):
 
 def test_export_measured_shipped_default(tmp_path):
     caps = DeviceCaps.synthetic("sm_90", device_name="NVIDIA H100 80GB HBM3")
-    result = tune("fwd", spec(), caps, [TileConfig(128, 64, 4, 4)], fake_bench, progress=False, save=False)
+    result = tune("fwd", spec(), caps, [TileConfig(128, 128, 8, 3)], fake_bench, progress=False, save=False)
     path = shipped.export_measured(result, tmp_path)
     assert path == tmp_path / "sm_90.json"
     config, source = shipped.lookup("fwd", "sm_90", "float16", 128, 128, directory=tmp_path)

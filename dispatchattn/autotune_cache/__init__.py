@@ -2,8 +2,8 @@
 
 >>> import torch
 >>> from dispatchattn.autotune_cache import why_config_invalid, TileConfig
->>> why_config_invalid("fwd", TileConfig(128, 128, 4, 3), "sm_86", torch.float16, 128, 128)
-'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 196,608 B shared memory > 101,376 B on sm_86'
+>>> why_config_invalid("fwd", TileConfig(128, 128, 8, 3), "sm_86", torch.float16, 128, 128)
+'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 133,120 B shared memory > 101,376 B on sm_86'
 """
 
 from .config import TileConfig

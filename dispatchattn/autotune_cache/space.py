@@ -23,6 +23,8 @@ KERNELS = ("fwd", "bwd")
 MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
 #: Registers per thread assumed for pointers, loop counters and the softmax state besides the tiles.
 REGISTER_OVERHEAD = 32
+#: Shared memory besides the tiles: barriers and layout-conversion scratch (1,032 B measured on sm_90).
+SHARED_OVERHEAD = 2048
 
 
 @dataclass(frozen=True)
@@ -45,28 +47,38 @@ def _element_size(dtype: torch.dtype) -> int:
 def estimate_resources(
     kernel: str, config: TileConfig, dtype: torch.dtype, head_dim: int, head_dim_v: int, warp_size: int = 32
 ) -> Resources:
-    """Shared memory and registers one block of ``kernel`` needs with ``config`` (an estimate).
+    """Shared memory and registers one block of ``kernel`` needs with ``config`` (an upper-bound estimate).
 
-    Shared memory: the tiles streamed through the loop are held in ``num_stages`` buffers (the same
-    model as Triton's matmul ``early_config_prune``: stages x tile bytes).  Forward streams K and V tiles
-    (BLOCK_N rows of D + Dv).  Backward, the larger of its two launches: dK/dV streams Q and dO tiles
-    (BLOCK_M rows) and keeps K and V (BLOCK_N rows) plus their transposed operand copies; dQ the other way
-    round.  Calibrated on the public report of FlexAttention's backward at D=128, 64x64 tiles, 2 stages
-    needing 131,072 B on a 99 KB GPU (pytorch issue 133254).
-    Registers: the fp32 accumulators and score tile spread over the block's threads, plus overhead.
+    Shared memory: forward keeps ``max(stages - 1, 1)`` K+V tiles (BLOCK_N rows of D + Dv) in flight.
+    Backward, the larger of its two launches: dK/dV streams ``stages`` Q+dO tiles (BLOCK_M rows) past one
+    K+V tile (BLOCK_N rows); dQ the other way round.  Registers: the fp32 accumulators and score tiles
+    plus the Q/K/V operand tiles passing through registers, over the block's threads, plus overhead.
+
+    Checked against our kernels compiled ahead of time with Triton 3.9 (bf16, D=128 unless noted; measured
+    shared bytes / estimate): fwd 128x64 st3 sm_90 66,568 / 67,584; fwd 64x32 D=256 st3 sm_90 66,568 /
+    67,584; fwd 32x64 D=256 st3 sm_80 53,264 / 133,120; dK/dV 64x64 st2 sm_86 74,244 / 100,352; dK/dV
+    64x128 st3 sm_90 116,744 / 165,888; on gfx942 (one stage) 4x lower than estimated.  The register
+    estimate told which of 8 NVIDIA compiles spilled (fwd 128x128 4 warps, bwd 64x64 4 warps, ...) and
+    which did not (fwd 128x64 8 warps: 201 registers measured, 192 estimated).  On AMD it is 2-4x low
+    (fwd 128x64 8 warps on gfx942: 256 VGPRs and a spill, 112 estimated).  ``python -m dispatchattn aot``
+    measures the truth per target; this estimate only prunes before timing.
     """
     d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
-    row_bytes = (d + dv) * _element_size(dtype)
+    element = _element_size(dtype)
+    row_bytes = (d + dv) * element
     stages = max(config.num_stages, 1)
     m, n = config.block_m, config.block_n
     if kernel == "fwd":
-        shared = stages * n * row_bytes
+        shared = max(stages - 1, 1) * n * row_bytes
         accumulators = m * dv + m * n  # output accumulator + score tile
+        operands = m * d + n * (d + dv)  # Q, K, V tiles
     else:
-        shared = max(stages * m + 2 * n, stages * n + 2 * m) * row_bytes  # dK/dV launch, dQ launch
-        accumulators = max(n * (d + dv), m * d) + m * n  # dK + dV (or dQ) accumulators + score tile
+        shared = max(stages * m + n, stages * n + m) * row_bytes  # dK/dV launch, dQ launch
+        accumulators = max(n * (d + dv), m * d) + 2 * m * n  # dK + dV (or dQ) + score and dP tiles
+        operands = (m + n) * (d + dv)  # Q, dO, K, V tiles
+    words = accumulators + operands * element // 4
     threads = config.num_warps * warp_size
-    return Resources(shared, -(-accumulators // threads) + REGISTER_OVERHEAD)
+    return Resources(shared + SHARED_OVERHEAD, -(-words // threads) + REGISTER_OVERHEAD)
 
 
 def _shape_text(kernel: str, config: TileConfig, head_dim: int, head_dim_v: int) -> str:
@@ -91,8 +103,8 @@ def why_config_invalid(
 ) -> str | None:
     """None when ``config`` can run ``kernel`` on ``arch``, else a sentence with the value and the limit.
 
-    >>> why_config_invalid("fwd", TileConfig(128, 128, 4, 3), "sm_86", torch.float16, 128, 128)
-    'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 196,608 B shared memory > 101,376 B on sm_86'
+    >>> why_config_invalid("fwd", TileConfig(128, 128, 8, 3), "sm_86", torch.float16, 128, 128)
+    'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 133,120 B shared memory > 101,376 B on sm_86'
     """
     if kernel not in KERNELS:
         return f"kernel {kernel!r} is not one of {KERNELS}"
