@@ -147,7 +147,7 @@ class FlashBackend(Backend):
         Memoised per (spec, caps, determinism, env) outside of tracing, so a warm eager call pays a lookup."""
         key = (spec, caps, torch.are_deterministic_algorithms_enabled(), envs.flash_triton_amd())
         try:
-            skip_memo = torch.compiler.is_skip_memo() or hash(key) is None
+            skip_memo = torch.compiler.is_compiling() or hash(key) is None
         except TypeError:  # a user callable without __hash__ in the spec: no memo
             skip_memo = True
         hit = None if skip_memo else _CHOICES.get(key)
