@@ -16,14 +16,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..capabilities import ARCHS, DeviceCaps
+from ..capabilities import ARCHS, ArchInfo, DeviceCaps
 from .config import TileConfig
 
 KERNELS = ("fwd", "bwd")
 MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
 #: Registers per thread assumed for pointers, loop counters and the softmax state besides the tiles.
 REGISTER_OVERHEAD = 32
-#: Shared memory besides the tiles: barriers and layout-conversion scratch (1,032 B measured on sm_90).
+#: Registers MFMA layouts take per estimated register (see ``_registers_and_budget``).
+MFMA_REGISTER_FACTOR = 2.5
+#: Shared memory besides the tiles on NVIDIA: barriers and layout-conversion scratch (1,032 B on sm_90).
 SHARED_OVERHEAD = 2048
 
 
@@ -45,19 +47,26 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def estimate_resources(
-    kernel: str, config: TileConfig, dtype: torch.dtype, head_dim: int, head_dim_v: int, warp_size: int = 32
+    kernel: str,
+    config: TileConfig,
+    dtype: torch.dtype,
+    head_dim: int,
+    head_dim_v: int,
+    warp_size: int = 32,
+    vendor: str = "cuda",
 ) -> Resources:
     """Shared memory and registers one block of ``kernel`` needs with ``config`` (an upper-bound estimate).
 
     Shared memory: forward keeps ``max(stages - 1, 1)`` K+V tiles (BLOCK_N rows of D + Dv) in flight.
     Backward, the larger of its two launches: dK/dV streams ``stages`` Q+dO tiles (BLOCK_M rows) past one
-    K+V tile (BLOCK_N rows); dQ the other way round.  Registers: the fp32 accumulators and score tiles
+    K+V tile (BLOCK_N rows); dQ the other way round.  On ROCm the backward stages one operand pair at a
+    time through LDS (``stages`` x the larger tile's rows of D + Dv).  Registers: the fp32 accumulators and score tiles
     plus the Q/K/V operand tiles passing through registers, over the block's threads, plus overhead.
 
     Checked against our kernels compiled ahead of time with Triton 3.9 (bf16, D=128 unless noted; measured
     shared bytes / estimate): fwd 128x64 st3 sm_90 66,568 / 67,584; fwd 64x32 D=256 st3 sm_90 66,568 /
     67,584; fwd 32x64 D=256 st3 sm_80 53,264 / 133,120; dK/dV 64x64 st2 sm_86 74,244 / 100,352; dK/dV
-    64x128 st3 sm_90 116,744 / 165,888; on gfx942 (one stage) 4x lower than estimated.  The register
+    64x128 st3 sm_90 116,744 / 165,888; gfx942 fwd 128x64 st1 32,768 / 32,768, bwd 64x64 16,384 / 32,768.  The register
     estimate told which of 8 NVIDIA compiles spilled (fwd 128x128 4 warps, bwd 64x64 4 warps, ...) and
     which did not (fwd 128x64 8 warps: 201 registers measured, 192 estimated).  On AMD it is 2-4x low
     (fwd 128x64 8 warps on gfx942: 256 VGPRs and a spill, 112 estimated).  ``python -m dispatchattn aot``
@@ -74,11 +83,14 @@ def estimate_resources(
         operands = m * d + n * (d + dv)  # Q, K, V tiles
     else:
         shared = max(stages * m + n, stages * n + m) * row_bytes  # dK/dV launch, dQ launch
+        if vendor == "rocm":
+            shared = stages * max(m, n) * row_bytes
         accumulators = max(n * (d + dv), m * d) + 2 * m * n  # dK + dV (or dQ) + score and dP tiles
         operands = (m + n) * (d + dv)  # Q, dO, K, V tiles
     words = accumulators + operands * element // 4
     threads = config.num_warps * warp_size
-    return Resources(shared + SHARED_OVERHEAD, -(-words // threads) + REGISTER_OVERHEAD)
+    overhead = SHARED_OVERHEAD if vendor == "cuda" else 0
+    return Resources(shared + overhead, -(-words // threads) + REGISTER_OVERHEAD)
 
 
 def _shape_text(kernel: str, config: TileConfig, head_dim: int, head_dim_v: int) -> str:
@@ -114,19 +126,30 @@ def why_config_invalid(
     problem = _why_shape_invalid(kernel, config, info.vendor)
     if problem:
         return problem
-    need = estimate_resources(kernel, config, dtype, head_dim, head_dim_v, info.warp_size)
+    need = estimate_resources(kernel, config, dtype, head_dim, head_dim_v, info.warp_size, info.vendor)
     shape = _shape_text(kernel, config, head_dim, head_dim_v)
     if need.shared_memory > info.smem_per_block:
         return (
             f"{shape} stages={config.num_stages} needs {need.shared_memory:,} B shared memory"
             f" > {info.smem_per_block:,} B on {arch}"
         )
-    if need.registers > info.max_regs_per_thread:
+    registers, budget = _registers_and_budget(need, config, info)
+    if registers > budget:
         return (
-            f"{shape} warps={config.num_warps} needs ~{need.registers} registers per thread"
-            f" > {info.max_regs_per_thread} on {arch} (it would spill)"
+            f"{shape} warps={config.num_warps} needs ~{registers} registers per thread"
+            f" > {budget} on {arch} (it would spill)"
         )
     return None
+
+
+def _registers_and_budget(need: Resources, config: TileConfig, info: ArchInfo) -> tuple[int, int]:
+    """On CDNA (MFMA) a workgroup's waves share the 4 SIMDs of a CU, so 8 waves leave each 512 / 2
+    VGPRs; and MFMA layouts need more registers than the tile count (factor fit on gfx942 compiles:
+    fwd 128x64 8 waves spilled at 256, bwd 64x64 4 waves used 425 of 512, bwd 32x32 8 waves 241)."""
+    if info.vendor == "rocm" and info.matrix_instr == "mfma":
+        waves_per_simd = max(1, config.num_warps // 4)
+        return int(need.registers * MFMA_REGISTER_FACTOR), info.max_regs_per_thread // waves_per_simd
+    return need.registers, info.max_regs_per_thread
 
 
 def _arch_of(arch_or_caps: str | DeviceCaps) -> str:
