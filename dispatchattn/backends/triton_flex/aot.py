@@ -5,10 +5,12 @@ shared-memory limits, register pressure and matrix-instruction selection.  Here 
 tile config, target) is compiled for real with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` on
 this CPU-only machine, and its resources are checked against the limits in ``capabilities.ARCHS``:
 
+>>> import dispatchattn as da
 >>> from dispatchattn.autotune_cache.config import TileConfig
->>> record = check_config("fwd", TileConfig(128, 128, 4, 3), "sm_86", "bf16", 128)  # doctest: +SKIP
->>> reject_reason(record)  # doctest: +SKIP
-'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 bf16 needs 131,072 B shared memory > 101,376 B on sm_86 ...'
+>>> record = compile_report("bwd_dkdv", TileConfig(64, 128, 8, 3), "sm_86", "bf16", 128,
+...                         mask_mod=da.masks.causal())  # doctest: +SKIP
+>>> reject_reasons(record)[0]  # doctest: +SKIP
+'bwd_dkdv BLOCK_M=64 BLOCK_N=128 D=128 warps=8 stages=3 bf16 (causal) needs 115,720 B shared memory > ...'
 
 Compiles run in clean worker processes (``aot_compile.py``), in parallel, and every record is cached under
 ``cache_root()/aot/`` keyed by (kernel source hash, signature and constants, options, target, Triton version),
@@ -112,7 +114,7 @@ class AotRecord:
     register_limit: int = 0
     spill_bytes: int | None = None  # stack/local frame (NVIDIA), ScratchSize (AMD), bytes per thread
     spill_count: int | None = None  # spilled VGPRs (AMD only)
-    sgpr_spill_count: int | None = None  # SGPRs spilled to VGPR lanes (AMD; no memory traffic)
+    sgpr_spill_count: int | None = None  # AMD SGPR spills (into VGPR lanes): reported, not rejected
     occupancy: int | None = None  # waves per SIMD as the AMD compiler reports it; None on NVIDIA
     matrix_instr: str = "none"
     expected_matrix_instr: str | None = None
@@ -233,8 +235,12 @@ def _digest(path: Path) -> str:
 
 
 def _source_hash(kernel_files: list[str]) -> str:
-    """Hash of the kernel's files and of every module of this package (helpers, codegen, this checker)."""
-    files = sorted({*(Path(f).resolve() for f in kernel_files), *_PACKAGE_DIR.glob("*.py")})
+    """Hash of the kernel's files and of the other modules of this package (helpers, codegen).
+
+    The checker's own modules (``aot*.py``) are left out: ``FORMAT_VERSION`` versions what they record.
+    """
+    package = [p for p in _PACKAGE_DIR.glob("*.py") if not p.name.startswith("aot")]
+    files = sorted({*(Path(f).resolve() for f in kernel_files), *package})
     return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
 
 
@@ -386,13 +392,27 @@ def check_config(
     dtype: str | torch.dtype,
     head_dim: int,
     head_dim_v: int | None = None,
+    *,
+    cached_only: bool = False,
     **kwargs,
-) -> AotRecord:
+) -> AotRecord | None:
     """The measured record of ``config`` for ``kernel`` on ``target`` (plain variant unless mods are given).
 
+    ``kernel`` is a launch kernel ("fwd", "bwd_dkdv", ...) or the autotuned "bwd", whose config drives all
+    three backward launches: then the first launch that does not fit is returned (else ``bwd_dkdv``'s).
     ``record.fits`` says whether the config may ship there; ``reject_reason(record)`` says why not.
+    ``cached_only=True`` never compiles (for explanations on the hot path): None when nothing is cached.
     """
-    return compile_report(kernel, config, target, dtype, head_dim, head_dim_v, **kwargs)
+    launches = ("bwd_dkdv", "bwd_dq", "bwd_preprocess") if kernel == "bwd" else (kernel,)
+    jobs = [make_job(k, config, target, dtype, head_dim, head_dim_v, **kwargs) for k in launches]
+    if cached_only:
+        cached = [_load_cached(job) for job in jobs]
+        if any(result is None for result in cached):
+            return None
+        records = [record_from_result(job, result) for job, result in zip(jobs, cached)]
+    else:
+        records = compile_jobs(jobs, workers=len(jobs))
+    return next((r for r in records if not r.fits), records[0])
 
 
 def add_aot_parser(subparsers):

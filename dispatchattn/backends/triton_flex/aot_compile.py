@@ -149,7 +149,10 @@ def _error_line(exc: BaseException) -> str:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^"]
-    return (type(exc).__name__ + (f": {lines[0]}" if lines else ""))[:400]
+    message = lines[0] if lines else ""
+    if len(message) > 200:  # Triton's long hints: keep the first sentence
+        message = message.split(". ")[0] + "."
+    return (type(exc).__name__ + (f": {message}" if message else ""))[:400]
 
 
 def compile_one(job: dict) -> dict:
