@@ -146,6 +146,7 @@ AMDGCN = """
 ; ScratchSize: 312
 ; Occupancy: 5
     .group_segment_fixed_size: 0
+    .agpr_count:     0
     .sgpr_spill_count: 76
     .vgpr_count:     256
     .vgpr_spill_count: 132
@@ -158,8 +159,8 @@ def test_parse_cuobjdump_reads_the_function_not_the_common_section():
 
 def test_parse_amdgcn_reads_registers_spills_scratch_occupancy():
     usage = aot_compile.parse_amdgcn(AMDGCN)
-    assert usage == {"vgpr_count": 256, "vgpr_spill_count": 132, "sgpr_spill_count": 76, "scratch": 312,
-                     "occupancy": 5, "static_lds": 0}  # fmt: skip
+    assert usage == {"vgpr_count": 256, "vgpr_spill_count": 132, "agpr_count": 0, "sgpr_spill_count": 76,
+                     "scratch": 312, "occupancy": 5, "static_lds": 0}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -180,6 +181,7 @@ def test_matrix_instruction_family(text, family):
 def test_spill_and_matrix_reasons_name_values_and_limits():
     spilled = aot.record_from_result(toy_job("gfx1100"), {"shared_bytes": 0, "registers": 256, "spill_bytes": 312,
                                                           "spill_count": 132, "matrix_instr": "none"})  # fmt: skip
-    assert "spills registers on gfx1100 (RX 7900 XTX): 132 VGPRs, 312 B per thread of scratch" in spilled.reason
+    expected = "spills registers on gfx1100 (RX 7900 XTX): 132 VGPRs, 312 B of scratch per lane, at 256 VGPRs"
+    assert expected in spilled.reason
     assert "uses none instead of wmma matrix instructions on gfx1100" in spilled.reason
     assert len(aot.reject_reasons(spilled)) == 2

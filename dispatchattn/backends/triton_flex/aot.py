@@ -110,7 +110,8 @@ class AotRecord:
     shared_bytes: int | None = None  # dynamic shared memory / LDS Triton requests at launch
     static_shared_bytes: int | None = None
     smem_limit: int = 0
-    registers: int | None = None  # per thread (NVIDIA) / VGPRs per lane (AMD)
+    registers: int | None = None  # per thread (NVIDIA) / architectural VGPRs per lane (AMD)
+    agpr_count: int | None = None  # AMD accumulation VGPRs (CDNA); None on NVIDIA
     register_limit: int = 0
     spill_bytes: int | None = None  # stack/local frame (NVIDIA), ScratchSize (AMD), bytes per thread
     spill_count: int | None = None  # spilled VGPRs (AMD only)
@@ -159,6 +160,18 @@ def _expected_matrix_instr(kernel: str, dtype: str, arch: ArchInfo) -> str | Non
     return arch.matrix_instr
 
 
+def _spill_text(record: AotRecord, arch: ArchInfo) -> str:
+    if arch.vendor == "rocm":
+        return (
+            f"{record.spill_count or 0} VGPRs, {record.spill_bytes or 0:,} B of scratch per lane, at "
+            f"{record.registers} VGPRs + {record.agpr_count or 0} AGPRs (allowed spill {MAX_SPILL_BYTES} B)"
+        )
+    return (
+        f"{record.spill_bytes or 0:,} B of local memory per thread at {record.registers} registers "
+        f"(maximum {arch.max_regs_per_thread}; allowed spill {MAX_SPILL_BYTES} B)"
+    )
+
+
 def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]:
     """Every reason ``record``'s config may not ship on ``arch`` (default: its target); [] if it may."""
     arch = arch or ARCHS[record.target]
@@ -171,12 +184,7 @@ def reject_reasons(record: AotRecord, arch: ArchInfo | None = None) -> list[str]
     if total > arch.smem_per_block:
         reasons.append(f"{what} needs {total:,} B shared memory > {arch.smem_per_block:,} B on {where}")
     if (record.spill_bytes or 0) > MAX_SPILL_BYTES or (record.spill_count or 0) > 0:
-        spilled = f"{record.spill_count} VGPRs, " if record.spill_count else ""
-        reasons.append(
-            f"{what} spills registers on {where}: {spilled}{record.spill_bytes or 0:,} B per thread of "
-            f"{'scratch' if arch.vendor == 'rocm' else 'local memory'} at {record.registers} registers "
-            f"(limit {arch.max_regs_per_thread}, allowed spill {MAX_SPILL_BYTES} B)"
-        )
+        reasons.append(f"{what} spills registers on {where}: {_spill_text(record, arch)}")
     expected = _expected_matrix_instr(record.kernel, record.dtype, arch)
     if expected and record.matrix_instr != expected:
         reasons.append(f"{what} uses {record.matrix_instr} instead of {expected} matrix instructions on {where}")

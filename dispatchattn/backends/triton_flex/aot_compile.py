@@ -10,7 +10,8 @@ What is read, with no GPU and no driver:
 - shared memory: ``metadata.shared`` (what Triton asks for at launch) plus the static shared memory of the
   binary (``cuobjdump --dump-resource-usage`` SHARED, or ``.group_segment_fixed_size`` of the AMDGCN);
 - registers and spills: cuobjdump's REG / STACK / LOCAL on NVIDIA (ptxas puts spills in the stack frame);
-  ``.vgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``, ``ScratchSize`` and ``Occupancy`` on AMD;
+  ``.vgpr_count``, ``.agpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``, ``ScratchSize`` and
+  ``Occupancy`` on AMD;
 - matrix instructions: ``mma.sync`` / ``wgmma.mma_async`` / ``tcgen05.mma`` in the PTX, ``v_mfma_*`` /
   ``v_wmma_*`` in the AMDGCN.
 """
@@ -68,6 +69,7 @@ def parse_amdgcn(text: str) -> dict[str, int | None]:
     patterns = {
         "vgpr_count": r"\.vgpr_count:\s+(\d+)",
         "vgpr_spill_count": r"\.vgpr_spill_count:\s+(\d+)",
+        "agpr_count": r"\.agpr_count:\s+(\d+)",
         "sgpr_spill_count": r"\.sgpr_spill_count:\s+(\d+)",
         "scratch": r";\s*ScratchSize:\s+(\d+)",
         "occupancy": r";\s*Occupancy:\s+(\d+)",
@@ -96,6 +98,7 @@ def _nvidia_resources(compiled) -> dict:
         "spill_bytes": usage["STACK"] + usage["LOCAL"],
         "spill_count": None,
         "sgpr_spill_count": None,
+        "agpr_count": None,
         "occupancy": None,
         "matrix_instr": family,
         "matrix_mnemonics": mnemonics,
@@ -112,6 +115,7 @@ def _amd_resources(compiled) -> dict:
         "spill_bytes": usage["scratch"] or 0,
         "spill_count": usage["vgpr_spill_count"],
         "sgpr_spill_count": usage["sgpr_spill_count"],
+        "agpr_count": usage["agpr_count"],
         "occupancy": usage["occupancy"],
         "matrix_instr": family,
         "matrix_mnemonics": mnemonics,
