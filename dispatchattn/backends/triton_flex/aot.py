@@ -162,9 +162,10 @@ def _expected_matrix_instr(kernel: str, dtype: str, arch: ArchInfo) -> str | Non
 
 def _spill_text(record: AotRecord, arch: ArchInfo) -> str:
     if arch.vendor == "rocm":
+        agprs = f" + {record.agpr_count} AGPRs" if record.agpr_count is not None else ""
         return (
             f"{record.spill_count or 0} VGPRs, {record.spill_bytes or 0:,} B of scratch per lane, at "
-            f"{record.registers} VGPRs + {record.agpr_count or 0} AGPRs (allowed spill {MAX_SPILL_BYTES} B)"
+            f"{record.registers} VGPRs{agprs} (allowed spill {MAX_SPILL_BYTES} B)"
         )
     return (
         f"{record.spill_bytes or 0:,} B of local memory per thread at {record.registers} registers "
