@@ -136,25 +136,45 @@ def heuristic_document(target: str) -> dict:
     return document
 
 
-def same_configs(a: dict, b: dict) -> bool:
-    """Whether two shipped documents hold the same configs (ignoring dates and versions)."""
-    return {k: v["config"] for k, v in a["tile_configs"].items()} == {
-        k: v["config"] for k, v in b["tile_configs"].items()
-    }
+def same_configs(old: dict, new: dict) -> bool:
+    """Whether ``new`` holds ``old``'s configs (ignoring dates, versions, and ``old``'s entries that an
+    ahead-of-time compile checked and changed)."""
+    if set(old["tile_configs"]) != set(new["tile_configs"]):
+        return False
+    return all(
+        entry["config"] == new["tile_configs"][name]["config"]
+        for name, entry in old["tile_configs"].items()
+        if "checked" not in entry
+    )
 
 
-def write_heuristic_defaults(directory: Path = DEFAULTS_DIR, force: bool = False) -> list[Path]:
-    """(Re)write the unmeasured defaults of each AOT target whose configs changed; measured ones stay."""
+def write_heuristic_defaults(
+    directory: Path = DEFAULTS_DIR, force: bool = False, compile_check: bool = False, targets=AOT_TARGETS
+) -> list[Path]:
+    """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
+
+    ``compile_check``: compile every bf16 entry for its target (``verify.verify_document``), shrink what
+    is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.
+    """
     written = []
     directory.mkdir(parents=True, exist_ok=True)
-    for target in AOT_TARGETS:
+    for target in targets:
         path = directory / f"{target}.json"
         new = heuristic_document(target)
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-        if old is not None and (old.get("measured") or (same_configs(old, new) and not force)):
+        if old is not None and old.get("measured"):
+            continue
+        if compile_check:
+            from . import verify
+
+            for line in verify.verify_document(new, target):
+                print(line)
+            verify.copy_checked(new)
+            new["produced"]["how"] += " --compile-check"
+        elif old is not None and same_configs(old, new) and not force:
             continue
         path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         written.append(path)
@@ -166,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the unmeasured shipped tile-config defaults.")
     parser.add_argument("--write", action="store_true", help="write defaults/<target>.json per AOT target")
     parser.add_argument("--force", action="store_true", help="rewrite even when no config changed")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="compile each bf16 config ahead of time for its target; shrink what is rejected")
+    parser.add_argument("--targets", default=",".join(AOT_TARGETS), help="comma-separated targets")
     args = parser.parse_args(argv)
     if not args.write:
         parser.print_help()
         return 2
-    for path in write_heuristic_defaults(force=args.force):
+    targets = [t for t in args.targets.split(",") if t]
+    for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets):
         print(f"wrote {path}")
     return 0
 
