@@ -270,12 +270,13 @@ def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> T
     return TileConfig(m, n, warps, stages)
 
 
-def _shrink(config: TileConfig, kernel: str, registers_short: bool) -> TileConfig | None:
-    """One step smaller: for registers more warps first, then (as for shared memory) fewer stages; then
-    a smaller tile (forward: BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
+def _shrink(config: TileConfig, kernel: str, registers_short: bool, measured: bool = False) -> TileConfig | None:
+    """One step smaller: for registers more warps first; for shared memory (and for registers when
+    ``measured`` by a compile: the estimate ignores stages) fewer stages; then a smaller tile (forward:
+    BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
     if registers_short and config.num_warps < 8:
         return replace(config, num_warps=8)
-    if config.num_stages > 1:
+    if config.num_stages > 1 and (measured or not registers_short):
         return replace(config, num_stages=config.num_stages - 1)
     m, n = config.block_m, config.block_n
     if n > MIN_BLOCK and (kernel == "fwd" or n >= m):  # backward: the larger side first

@@ -77,7 +77,7 @@ def verify_document(
                 log.append(f"{target} {name}: {config.short()} fits")
                 continue
             rejected[name].append(f"{config.short()}: {problems[0]}")
-            smaller = _shrink(config, kernel, registers_short="spills" in problems[0])
+            smaller = _shrink(config, kernel, registers_short="spills" in problems[0], measured=True)
             if smaller is not None and len(rejected[name]) < MAX_ROUNDS:
                 pending[name] = (kernel, dtype, head_dim, smaller)
                 continue
