@@ -229,3 +229,32 @@ def test_key_fields_and_file_name():
     assert [key_module.density_bucket(d) for d in (1.0, 0.6, 0.3, 0.2, 0.01, 0.0)] == [
         "dense", "sparse:1/2", "sparse:1/2", "sparse:1/4", "sparse:1/64", "sparse:1/64",
     ]
+
+
+def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
+    from types import SimpleNamespace
+
+    from dispatchattn.autotune_cache import verify
+
+    def fake_round(pending, target, workers):
+        """Stands in for compiling: anything with BLOCK_N > 32 'spills'."""
+        reasons, records = {}, {}
+        for name, (kernel, _dtype, _head_dim, config) in pending.items():
+            launches = verify.LAUNCHES[kernel]
+            bad = f"{kernel} spills registers on {target}" if config.block_n > 32 else None
+            reasons[name] = [bad] * len(launches)
+            records[name] = [SimpleNamespace(kernel=k, total_shared_bytes=1024, registers=99, spill_bytes=0)
+                             for k in launches]
+        return reasons, records
+
+    monkeypatch.setattr(verify, "_compile_round", fake_round)
+    document = shipped.heuristic_document("sm_90")
+    verify.verify_document(document, "sm_90")
+    verify.copy_checked(document)
+    for dtype in ("bfloat16", "float16"):
+        entry = document["tile_configs"][f"fwd {dtype} d128/128"]
+        assert TileConfig.from_dict(entry["config"]).block_n <= 32
+        assert "fwd 1,024 B shared, 99 registers, no spills" in entry["checked"]
+    assert "ahead-of-time compile rejected" in document["tile_configs"]["fwd bfloat16 d128/128"]["note"]
+    assert "checked" not in document["tile_configs"]["fwd float32 d128/128"]
+    assert shipped.same_configs(document, shipped.heuristic_document("sm_90"))  # checked entries may differ
