@@ -37,14 +37,16 @@ def heuristic_config(kernel: str, head_dim: int, dtype: torch.dtype, vendor: str
     CPU (Triton's interpreter, tests): 64 x 64 tiles; the interpreter's cost is dominated by the number
     of tile steps (measured: S=100, 2 heads, forward 0.6 s at 64x64, 1.3 s at 32x32, 3 s at 16x16).
     NVIDIA: Inductor's FlexAttention defaults for H100 / A100 (KERNEL_NOTES section 4):
-    forward 128x64 (64x32 for head dims above 128; 128x128 at d <= 64 in 16-bit), backward 64x64.
+    forward 128x64 (64x32 for head dims above 128; 128x128 at d <= 64 in 16-bit), backward 64x64
+    (32x32 in fp32 or above head dim 128).
     AMD: the same tiles with one pipeline stage, as Inductor's ROCm defaults.
     """
     if vendor == "cpu":
         return TileConfig(64, 64, num_warps=4, num_stages=1)
     stages = 1 if vendor == "rocm" else 3
     if kernel == "bwd":
-        return TileConfig(64, 64, num_warps=4, num_stages=1 if vendor == "rocm" else 2)
+        block = 32 if dtype == torch.float32 or head_dim > 128 else 64  # fp32 64x64 needs ~180 KB on sm_90
+        return TileConfig(block, block, num_warps=4, num_stages=1 if vendor == "rocm" else 2)
     if dtype == torch.float32:
         return TileConfig(64, 32, num_warps=4, num_stages=stages)
     if head_dim <= 64:
@@ -130,9 +132,9 @@ def _block_mask(mask_mod, q: torch.Tensor, k: torch.Tensor, config: TileConfig) 
                             block_m=config.block_m, block_n=config.block_n, device=q.device)
 
 
-def generated_for(score_mod: Callable | None, mask_mod: Callable | None) -> codegen.Generated:
-    """``codegen.generate`` with the structured mods bound by the caller (see ``AttentionCall``)."""
-    return codegen.generate(score_mod, mask_mod)
+def generated_for(score_mod: Callable | None, mask_mod: Callable | None, device: torch.device) -> codegen.Generated:
+    """``codegen.generate`` for inputs on ``device`` (structured mods already bound to the lengths)."""
+    return codegen.generate(score_mod, mask_mod, device)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, generated: codegen.Generated) -> None:
@@ -161,7 +163,7 @@ def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         mask_mod = mask_mod.bind(q.shape[2], k.shape[2])
     if isinstance(score_mod, ScoreMod):
         score_mod = score_mod.bind(q.shape[2], k.shape[2])
-    generated = generated_for(score_mod, mask_mod)
+    generated = generated_for(score_mod, mask_mod, q.device)
     _check(q, k, v, generated)
     vendor = _vendor(q.device)
     fwd_config = fwd_config or heuristic_config("fwd", q.shape[-1], q.dtype, vendor)

@@ -48,6 +48,10 @@ def _then(first, second):
     return lambda score, b, h, q_idx, kv_idx: second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
 
 
+def _device(spec: AttentionSpec) -> str:
+    return "cuda" if spec.device_type in ("cuda", "rocm") else spec.device_type
+
+
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
     """(score_mod, mask_mod) of a call with ``is_causal`` and ``attn_mask`` folded in."""
     score_mod, mask_mod = call.score_mod, call.mask_mod
@@ -108,8 +112,7 @@ class TritonFlexBackend(Backend):
             return None
         from . import codegen
 
-        device = "cuda" if spec.device_type in ("cuda", "rocm") else spec.device_type
-        return codegen.unsupported_reason(spec.score, spec.mask, device)
+        return codegen.unsupported_reason(spec.score, spec.mask, _device(spec))
 
     def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
         return self._config("fwd", spec, caps)
@@ -149,7 +152,7 @@ class TritonFlexBackend(Backend):
         try:
             from . import codegen
 
-            generated = codegen.generate(spec.score, mask)
+            generated = codegen.generate(spec.score, mask, _device(spec))
         except Exception:  # noqa: BLE001 - a note must never fail a decision
             return None
         return f"generated kernel {generated.short_key}{dense} (source: {generated.path})"

@@ -78,19 +78,32 @@ class Generated:
         return self.key[:12]
 
 
-def _trace_inputs(kind: str) -> tuple[torch.Tensor, ...]:
-    index = [torch.zeros(_TRACE_LEN, dtype=torch.int32) for _ in range(4)]
+def _trace_inputs(kind: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    index = [torch.zeros(_TRACE_LEN, dtype=torch.int32, device=device) for _ in range(4)]
     if kind == "score_mod":
-        return (torch.zeros(_TRACE_LEN, dtype=torch.float32), *index)
+        return (torch.zeros(_TRACE_LEN, dtype=torch.float32, device=device), *index)
     return tuple(index)
 
 
-def trace(mod: Callable, kind: str) -> Traced:
-    """Trace ``mod`` with ``make_fx`` (fake tensors; captured real tensors stay real constants)."""
+def _trace_device(device: torch.device | str | None) -> torch.device:
+    """The inputs' device when tensors can be made on it here, else the CPU (e.g. explaining for a GPU)."""
+    try:
+        return torch.zeros(1, device=device).device if device is not None else torch.device("cpu")
+    except (RuntimeError, AssertionError):
+        return torch.device("cpu")
+
+
+def trace(mod: Callable, kind: str, device: torch.device | str | None = None) -> Traced:
+    """Trace ``mod`` with ``make_fx`` over index tensors on ``device`` (fake tensors; captured real tensors
+    stay real constants)."""
     with torch.no_grad():
         try:
-            gm = make_fx(mod, tracing_mode="fake", _allow_non_fake_inputs=True)(*_trace_inputs(kind))
+            inputs = _trace_inputs(kind, _trace_device(device))
+            gm = make_fx(mod, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
         except Exception as error:  # noqa: BLE001 - any tracing failure is a refusal reason
+            if "DeviceMismatch" in type(error).__name__:
+                raise Unsupported(f"{kind} reads a captured tensor on another device than the attention inputs "
+                                  f"({error}); move it to the inputs' device") from error
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             reason = f"{kind} could not be traced by make_fx ({type(error).__name__}: {first_line})"
             raise Unsupported(reason) from error
@@ -190,9 +203,9 @@ def _check_buffers(buffers: list[torch.Tensor]) -> None:
             raise Unsupported(f"a captured tensor has complex dtype {t.dtype}, which the kernel cannot load")
 
 
-def _trace_pair(score_mod: Callable | None, mask_mod: Callable | None) -> tuple:
-    score = trace(score_mod, "score_mod") if score_mod is not None else None
-    mask = trace(mask_mod, "mask_mod") if mask_mod is not None else None
+def _trace_pair(score_mod: Callable | None, mask_mod: Callable | None, device=None) -> tuple:
+    score = trace(score_mod, "score_mod", device) if score_mod is not None else None
+    mask = trace(mask_mod, "mask_mod", device) if mask_mod is not None else None
     buffers: list[torch.Tensor] = []
     for traced in (score, mask):
         for t in traced.buffers if traced is not None else ():
@@ -202,9 +215,11 @@ def _trace_pair(score_mod: Callable | None, mask_mod: Callable | None) -> tuple:
     return score, mask, buffers
 
 
-def generate(score_mod: Callable | None, mask_mod: Callable | None) -> Generated:
-    """Trace both mods, emit (or load from the disk cache) their Triton module and return it."""
-    score, mask, buffers = _trace_pair(score_mod, mask_mod)
+def generate(score_mod: Callable | None, mask_mod: Callable | None,
+             device: torch.device | str | None = None) -> Generated:
+    """Trace both mods (over index tensors on ``device``, the attention inputs' device; default CPU),
+    emit (or load from the disk cache) their Triton module and return it."""
+    score, mask, buffers = _trace_pair(score_mod, mask_mod, device)
     score_buffers = score.buffers if score is not None else []
     grad_slots = tuple(
         i for i, t in enumerate(buffers)
@@ -222,7 +237,7 @@ def unsupported_reason(score_mod: Callable | None, mask_mod: Callable | None,
     ``example_device``: captured tensors must live on it (the kernel reads them by pointer).
     """
     try:
-        score, mask, buffers = _trace_pair(score_mod, mask_mod)
+        score, mask, buffers = _trace_pair(score_mod, mask_mod, example_device)
         emit_module("check", score, mask, buffers, ())
     except Unsupported as reason:
         return str(reason)

@@ -28,10 +28,10 @@ from ... import envs
 from ...autotune_cache.config import TileConfig
 from .codegen import MAX_BUFFERS
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Triton's CPU interpreter has no bf16 arithmetic (numpy): there, tiles are widened to fp32 on load.
-INTERPRETED: tl.constexpr = envs.triton_interpret()
+INTERPRETED = tl.constexpr(envs.triton_interpret())
 
 
 @triton.jit
