@@ -271,18 +271,23 @@ def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> T
 
 
 def _shrink(config: TileConfig, kernel: str, registers_short: bool, measured: bool = False) -> TileConfig | None:
-    """One step smaller: for registers more warps first; for shared memory (and for registers when
-    ``measured`` by a compile: the estimate ignores stages) fewer stages; then a smaller tile (forward:
-    BLOCK_N before BLOCK_M).  None when nothing is left to shrink."""
+    """One step smaller, or None when nothing is left to shrink.
+
+    Registers: more warps first.  Shared memory: fewer stages first.  Then a smaller tile (forward:
+    BLOCK_N before BLOCK_M).  A register spill ``measured`` by a compile may also need fewer stages (the
+    estimate ignores them): those go last, so pipelining is kept where a smaller tile suffices.
+    """
     if registers_short and config.num_warps < 8:
         return replace(config, num_warps=8)
-    if config.num_stages > 1 and (measured or not registers_short):
+    if config.num_stages > 1 and not registers_short:
         return replace(config, num_stages=config.num_stages - 1)
     m, n = config.block_m, config.block_n
     if n > MIN_BLOCK and (kernel == "fwd" or n >= m):  # backward: the larger side first
         return replace(config, block_n=n // 2)
     if m > MIN_BLOCK:
         return replace(config, block_m=m // 2)
+    if measured and config.num_stages > 1:
+        return replace(config, num_stages=config.num_stages - 1)
     return None
 
 
