@@ -63,7 +63,7 @@ def parse_mask(text: str, seq_kv: int, device: torch.device) -> masks.MaskMod | 
     raise ValueError(f"--mask: expected none, causal, window:N or document:N with N > 0, got {text!r}")
 
 
-def spec_from_args(args, device: torch.device) -> AttentionSpec:
+def spec_from_args(args: argparse.Namespace, device: torch.device) -> AttentionSpec:
     """The problem described by the command line, as the spec ``select_config`` will later see."""
     seq_kv = args.kv_seq or args.seq
     heads_kv = args.kv_heads or args.heads

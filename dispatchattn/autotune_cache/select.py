@@ -39,6 +39,7 @@ def autotune_dir() -> Path:
 
 
 def user_cache_path(key: TuneKey) -> Path:
+    """The user-cache file that holds ``key``'s entry."""
     return autotune_dir() / key.file_name
 
 

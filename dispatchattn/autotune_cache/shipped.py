@@ -15,7 +15,9 @@ import argparse
 import datetime
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +29,9 @@ from .config import TileConfig
 from .space import KERNELS, _pow2_at_least, heuristic_config_and_note, why_config_invalid
 
 DEFAULTS_DIR = Path(__file__).with_name("defaults")
+if TYPE_CHECKING:
+    from .tuning import TuneResult
+
 HEURISTIC_SOURCE = "heuristic (FlexAttention defaults table), not timed on hardware"
 SHIPPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SHIPPED_HEAD_DIMS = (64, 128, 256)
@@ -77,7 +82,7 @@ def describe(document: dict, entry: dict, arch: str) -> str:
     return f"shipped default (not measured) for {arch}: {document.get('source', HEURISTIC_SOURCE)}"
 
 
-def export_measured(result, directory: Path = DEFAULTS_DIR) -> Path:
+def export_measured(result: TuneResult, directory: Path = DEFAULTS_DIR) -> Path:
     """Record a ``TuneResult`` as the measured shipped default of its arch, kernel, dtype and head dims.
 
     The target's file keeps its other entries (heuristic ones stay marked not measured); the entry
@@ -149,7 +154,10 @@ def same_configs(old: dict, new: dict) -> bool:
 
 
 def write_heuristic_defaults(
-    directory: Path = DEFAULTS_DIR, force: bool = False, compile_check: bool = False, targets=AOT_TARGETS
+    directory: Path = DEFAULTS_DIR,
+    force: bool = False,
+    compile_check: bool = False,
+    targets: Iterable[str] = AOT_TARGETS,
 ) -> list[Path]:
     """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
 
