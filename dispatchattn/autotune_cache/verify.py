@@ -81,7 +81,7 @@ def verify_document(
             if smaller is not None and len(rejected[name]) < MAX_ROUNDS:
                 pending[name] = (kernel, dtype, head_dim, smaller)
                 continue
-            entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's ({problems[0]})"
+            entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's: {rejected[name][0]}"
             log.append(f"{target} {name}: nothing passed, kept {entry['config']}")
     for name, trail in rejected.items():
         if trail:
