@@ -1,0 +1,107 @@
+"""The triton_flex backend adapter: declared limits and reason sentences, translation of is_causal /
+attn_mask / layouts through ``da.attention``, the explanation's notes, and the benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from test_triton_flex_catalogue import reference
+
+import dispatchattn as da
+from dispatchattn.backends.triton_flex.backend import TritonFlexBackend
+from dispatchattn.capabilities import DeviceCaps
+from dispatchattn.spec import AttentionSpec
+
+BACKEND = TritonFlexBackend()
+SPEC = AttentionSpec(batch=1, heads_q=4, heads_kv=2, seq_q=128, seq_kv=128, head_dim=64, head_dim_v=64,
+                     dtype=torch.bfloat16, device_type="cuda", mask=da.masks.causal())
+H100 = DeviceCaps.synthetic("sm_90")
+
+
+def _codes(spec, caps=H100):
+    return [r.code for r in BACKEND.why_not(spec, caps)]
+
+
+def test_runs_mods_on_a_gpu():
+    assert BACKEND.why_not(replace(SPEC, score=da.scores.softcap(30.0), requires_grad=True), H100) == []
+
+
+def test_cpu_without_the_interpreter_gets_the_hint():
+    caps = DeviceCaps.synthetic("cpu", triton_interpret=False)
+    (reason,) = BACKEND.why_not(replace(SPEC, device_type="cpu"), caps)
+    assert str(reason) == ("no GPU: set TRITON_INTERPRET=1 before importing dispatchattn to run it on CPU "
+                           "through Triton's interpreter (slow; for tests)")
+    assert BACKEND.why_not(replace(SPEC, device_type="cpu"), replace(caps, triton_interpret=True)) == []
+
+
+def test_missing_triton_is_named():
+    caps = replace(H100, libraries=replace(H100.libraries, triton=None))
+    assert _codes(SPEC, caps) == ["not_installed"]
+
+
+@pytest.mark.parametrize(("change", "code", "words"), [
+    ({"head_dim": 8, "head_dim_v": 8}, "head_dim_too_small", "head_dim 8 is below 16"),
+    ({"head_dim": 320}, "head_dim_too_large", "head_dim 320 exceeds 256"),
+    ({"dropout_p": 0.1}, "dropout_unsupported", "dropout_p=0.1"),
+    ({"dtype": torch.float64}, "dtype_unsupported", "dtype=float64"),
+    ({"score": lambda s, b, h, q, kv: torch.sort(s)[0]}, "mod_unsupported", "aten.sort"),
+])
+def test_limits_are_sentences_with_the_value(change, code, words):
+    reasons = BACKEND.why_not(replace(SPEC, **change), H100)
+    assert [r.code for r in reasons] == [code] and words in str(reasons[0])
+
+
+def _qkv(gen, layout="bhsd", grad=True):
+    shapes = [(2, 4, 50, 32), (2, 2, 50, 32), (2, 2, 50, 24)]
+    if layout == "bshd":
+        shapes = [(b, s, h, d) for b, h, s, d in shapes]
+    return [torch.randn(s, generator=gen).requires_grad_(grad) for s in shapes]
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_attention_call_with_is_causal_and_bool_mask(layout):
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = _qkv(gen, layout)
+    keep = torch.rand(2, 1, 50, 50, generator=gen) > 0.3
+    out = da.attention(q, k, v, attn_mask=keep, is_causal=True, enable_gqa=True, layout=layout,
+                       backend="triton_flex")
+    to_bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    causal_keep = lambda b, h, qi, ki: keep[b, 0 * h, qi, ki] & (qi >= ki)  # noqa: E731
+    ref, _ = reference(to_bhsd(q), to_bhsd(k), to_bhsd(v), None, causal_keep, 32**-0.5)
+    assert (to_bhsd(out).double() - ref).abs().max() < 1e-6  # fp32, measured 4e-7
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert all((g.double() - r).abs().max() < 4e-6 for g, r in zip(grads, ref_grads))  # measured 1.5e-6
+
+
+def test_float_attn_mask_is_added_to_the_scores():
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = _qkv(gen, grad=False)
+    bias = torch.randn(1, 4, 50, 50, generator=gen)
+    out, lse = da.attention(q, k, v, attn_mask=bias, enable_gqa=True, return_lse=True, backend="triton_flex")
+    ref, ref_lse = reference(q, k, v, lambda s, b, h, qi, ki: s + bias[0 * b, h, qi, ki], None, 32**-0.5)
+    assert (out.double() - ref).abs().max() < 1e-6 and (lse.double() - ref_lse).abs().max() < 1.5e-6
+
+
+def test_explanation_names_kernel_sparsity_and_tiles():
+    q, k, v = _qkv(torch.Generator().manual_seed(23))
+    text = str(da.explain(q, k, v, enable_gqa=True, mask_mod=da.masks.sliding_window(8) & da.masks.causal(),
+                          score_mod=da.scores.softcap(20.0), backend="triton_flex"))
+    assert "generated kernel " in text and re.search(r"block sparsity: [\d.]+% of \d+x\d+ tiles computed", text)
+    assert "backward tile config BLOCK_M=" in text
+
+
+def test_benchmark_smoke_mode(tmp_path):
+    """bench/flex.py --dry-run: tiny sizes through the interpreter, ratios printed, JSON written."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "flex.py"
+    result = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "triton_flex" in result.stdout and "ratio" in result.stdout
+    assert list(tmp_path.glob("flex_*.json"))
