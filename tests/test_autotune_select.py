@@ -263,3 +263,20 @@ def test_export_measured_shipped_default(tmp_path):
     entry = json.loads(path.read_text())["tile_configs"]["fwd float16 d128/128"]
     assert entry["tuned_for"] == result.key.entry and entry["speedup_over_heuristic"] > 1
     assert {"device", "date", "dispatchattn", "triton", "torch", "how"} <= set(entry["produced"])
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_real_bench_fn_drives_the_kernel(monkeypatch, kernel):
+    """The timing function's plumbing, run through Triton's interpreter with do_bench stood in."""
+    import triton.testing
+
+    def run_once(fn, warmup=0, rep=0, grad_to_none=None):
+        fn()
+        assert grad_to_none is None or all(t.grad is not None for t in grad_to_none)
+        return 2.0  # milliseconds
+
+    monkeypatch.setattr(triton.testing, "do_bench", run_once)
+    problem = spec(batch=1, heads_q=2, heads_kv=1, seq_q=40, seq_kv=40, head_dim=16, head_dim_v=16,
+                   dtype=torch.float32, device_type="cpu", mask=da.masks.causal(), enable_gqa=True)
+    bench = tuning.kernel_bench_fn(kernel, problem, DeviceCaps.synthetic("cpu"), torch.device("cpu"))
+    assert bench(TileConfig(32, 32, 4, 1)) == pytest.approx(2e-3)

@@ -183,7 +183,8 @@ def kernel_bench_fn(
     device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
     query, key, value = make_inputs(spec, device)
     mask_mod = spec.mask if spec.mask is not None else (causal() if spec.is_causal else None)
-    options = dict(score_mod=spec.score, mask_mod=mask_mod, scale=spec.scale)
+    scale = spec.scale if spec.scale is not None else spec.head_dim**-0.5
+    options = dict(score_mod=spec.score, mask_mod=mask_mod, scale=scale)
 
     def forward(config: TileConfig) -> float:
         def run():
@@ -194,7 +195,7 @@ def kernel_bench_fn(
     def backward(config: TileConfig) -> float:
         fwd_config = heuristic_config("fwd", caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
         inputs = [t.detach().requires_grad_(True) for t in (query, key, value)]
-        out = triton_flex_attention(*inputs, **options, fwd_config=fwd_config, bwd_config=config)
+        out, _ = triton_flex_attention(*inputs, **options, fwd_config=fwd_config, bwd_config=config)
         grad = torch.randn_like(out)
 
         def run():
