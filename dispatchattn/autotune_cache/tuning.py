@@ -134,7 +134,7 @@ def tune(
     for config in bar:
         result.timings[config] = _time_one(config, bench_fn, result.failures)
         if progress and result.succeeded:
-            bar.set_postfix_str(f"best {_ms(result.best_seconds)} ms")
+            bar.set_postfix_str(f"best {_ms(result.best_seconds)} ms", refresh=False)
     bar.close()
     if save and result.succeeded:
         from .select import user_cache_path  # the lookup side owns where the file lives
