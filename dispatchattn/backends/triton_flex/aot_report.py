@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -94,19 +95,14 @@ def plan(
     jobs = []
     for position, (mask, score) in enumerate(variants):
         generated = codegen.generate(SCORES[score]() if score else None, MASKS[mask]() if mask else None)
-        for tune_kernel, launches in LAUNCHES.items():
-            for launch in launches:
-                if (kernels and launch not in kernels) or (launch == "bwd_preprocess" and position > 0):
-                    continue
-                for dtype in dtypes:
-                    for head_dim in head_dims:
-                        for target in targets:
-                            chosen = [config] if config else configs_for(tune_kernel, target, dtype, head_dim, source)
-                            jobs += [
-                                aot.make_job(launch, c, target, dtype, head_dim, generated=generated,
-                                             variant=variant_name(mask, score))
-                                for c in chosen
-                            ]  # fmt: skip
+        launches = [(tune, launch) for tune, names in LAUNCHES.items() for launch in names]
+        for (tune_kernel, launch), dtype, head_dim, target in itertools.product(launches, dtypes, head_dims, targets):
+            if (kernels and launch not in kernels) or (launch == "bwd_preprocess" and position > 0):
+                continue
+            chosen = [config] if config else configs_for(tune_kernel, target, dtype, head_dim, source)
+            variant = variant_name(mask, score)
+            jobs += [aot.make_job(launch, c, target, dtype, head_dim, generated=generated, variant=variant)
+                     for c in chosen]  # fmt: skip
     return jobs
 
 

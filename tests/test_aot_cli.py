@@ -1,0 +1,51 @@
+"""``python -m dispatchattn aot``: options, output formats and exit status (on cached or cheap compiles)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+from dispatchattn.backends.triton_flex import aot, aot_report  # noqa: E402
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    aot.add_aot_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["aot", *argv])
+
+
+def test_defaults_cover_every_aot_target_plain_bf16_d128():
+    args = _parse()
+    assert args.target == list(aot_report.AOT_TARGETS) and args.dtype == ["bf16"] and args.head_dim == [128]
+    assert aot_report._variants(args) == [(None, None)]
+
+
+def test_masks_and_scores_combine_into_variants():
+    args = _parse("--mask", "causal,sliding_window", "--score", "softcap")
+    assert aot_report._variants(args) == [("causal", "softcap"), ("sliding_window", "softcap")]
+    assert aot_report.variant_name("causal", "softcap") == "causal+softcap"
+
+
+def test_unknown_variant_names_the_known_ones():
+    with pytest.raises(SystemExit, match="unknown variant 'diagonal'; expected one of causal"):
+        aot_report._variants(_parse("--mask", "diagonal"))
+
+
+def test_json_output_and_check_exit_status(capsys):
+    args = _parse("--target", "sm_90", "--kernel", "bwd_preprocess", "--json", "--check")
+    status = aot.run_aot(args)
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["kernel"], r["target"], r["dtype"]) for r in records] == [("bwd_preprocess", "sm_90", "bf16")]
+    assert status == (0 if records[0]["fits"] else 1)
+    assert records[0]["matrix_instr"] == "none" and records[0]["expected_matrix_instr"] is None
+
+
+def test_forced_config_is_compiled_as_given(capsys):
+    args = _parse("--target", "gfx942", "--kernel", "bwd_preprocess", "--config", "32,32,4,1")
+    assert aot.run_aot(args) == 0
+    table = capsys.readouterr().out
+    assert "gfx942" in table and "32x32 w4 s1" in table and "bwd_preprocess" in table
