@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from dispatchattn.autotune_cache.config import TileConfig  # noqa: E402
-from dispatchattn.backends.triton_flex import aot, aot_compile  # noqa: E402
+from dispatchattn.backends.triton_flex import aot, aot_cache, aot_compile  # noqa: E402
 from dispatchattn.capabilities import ARCHS  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def test_warm_cache_compiles_nothing(toy_records, monkeypatch, tmp_path):
 def test_corrupt_cache_entry_is_recompiled(monkeypatch, tmp_path):
     monkeypatch.setenv("DISPATCHATTN_CACHE_DIR", str(tmp_path))
     job = toy_job("gfx942")
-    path = aot._cache_path(job)
+    path = aot_cache.path(job.target, job.cache_key())
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     calls = []

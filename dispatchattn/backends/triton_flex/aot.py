@@ -19,27 +19,21 @@ so a warm run reads JSON and compiles nothing.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 
 from ...autotune_cache.config import TileConfig
 from ...capabilities import ARCHS, ArchInfo
-from ...paths import cache_root
+from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 
 FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
 MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
 #: Kernels with no ``tl.dot`` (row-wise reductions): no matrix instruction is expected of them.
 KERNELS_WITHOUT_DOT = frozenset({"bwd_preprocess"})
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -84,8 +78,8 @@ class AotJob:
         constants = sorted((str(k), repr(v)) for k, v in self.constexprs.items())
         parts = [
             FORMAT_VERSION,
-            _triton_version(),
-            _source_hash(self.source_files()),
+            aot_cache.triton_version(),
+            aot_cache.source_hash(self.source_files()),
             self.fn_ref[0],
             self.fn_ref[2],
             sorted(self.signature.items()),
@@ -211,7 +205,7 @@ def record_from_result(job: AotJob, result: dict) -> AotRecord:
         head_dim_v=job.head_dim_v,
         smem_limit=job.arch.smem_per_block,
         register_limit=job.arch.max_regs_per_thread,
-        triton_version=_triton_version(),
+        triton_version=aot_cache.triton_version(),
         expected_matrix_instr=_expected_matrix_instr(job.kernel, job.dtype, job.arch),
         **resources,
     )
@@ -220,64 +214,12 @@ def record_from_result(job: AotJob, result: dict) -> AotRecord:
     return record
 
 
-# --- cache -------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
-
-
-@functools.lru_cache(maxsize=256)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _digest(path: Path) -> str:
-    try:
-        stat = path.stat()
-    except OSError:
-        return "missing"  # the compile will fail and say so
-    return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-def _source_hash(kernel_files: list[str]) -> str:
-    """Hash of the kernel's files and of the other modules of this package (helpers, codegen).
-
-    The checker's own modules (``aot*.py``) are left out: ``FORMAT_VERSION`` versions what they record.
-    """
-    package = [p for p in _PACKAGE_DIR.glob("*.py") if not p.name.startswith("aot")]
-    files = sorted({*(Path(f).resolve() for f in kernel_files), *package})
-    return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
-
-
-def cache_dir() -> Path:
-    """Where compiled-kernel records live: ``cache_root()/aot/triton-<version>/``."""
-    return cache_root() / "aot" / f"triton-{_triton_version()}"
-
-
-def _cache_path(job: AotJob) -> Path:
-    return cache_dir() / job.target / f"{job.cache_key()}.json"
-
-
 def _load_cached(job: AotJob) -> dict | None:
-    try:
-        return json.loads(_cache_path(job).read_text())
-    except (OSError, ValueError):
-        return None  # missing or corrupt: compile again
+    return aot_cache.load(job.target, job.cache_key())
 
 
 def _store(job: AotJob, result: dict) -> None:
-    path = _cache_path(job)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump(result, tmp)
-        os.replace(tmp.name, path)
-    except OSError:
-        pass  # an unwritable cache costs a recompile next time, never a failure
+    aot_cache.store(job.target, job.cache_key(), result)
 
 
 # --- compiling ---------------------------------------------------------------------------------------

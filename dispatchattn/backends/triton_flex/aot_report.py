@@ -26,7 +26,7 @@ from ... import masks, scores
 from ...autotune_cache import shipped, space
 from ...autotune_cache.config import TileConfig
 from ...capabilities import AOT_TARGETS, ARCHS
-from . import aot
+from . import aot, aot_cache
 
 _HEADS = 8  # heads of the captured tables of the alibi / relative-bias variants (shapes only matter)
 _SEQ = 4096
@@ -168,7 +168,7 @@ def render_text(records: list[aot.AotRecord]) -> str:
 
 def render_markdown(records: list[aot.AotRecord], command: str) -> str:
     """The resource report as a Markdown page with a header that ``test_aot_docs.py`` checks."""
-    versions = f"Triton {aot._triton_version()}, torch {torch.__version__}"
+    versions = f"Triton {aot_cache.triton_version()}, torch {torch.__version__}"
     today = datetime.date.today().isoformat()
     head = [
         "# Ahead-of-time resources of the triton_flex kernels",
@@ -177,7 +177,7 @@ def render_markdown(records: list[aot.AotRecord], command: str) -> str:
         "every kernel is compiled for each target with `triton.compile(..., target=GPUTarget(...))`.",
         "Do not edit by hand; regenerate with the command above when kernels, defaults or Triton change.",
         "",
-        f"<!-- aot-report shipped-defaults-sha256={shipped_defaults_digest()} triton={aot._triton_version()} -->",
+        f"<!-- aot-report shipped-defaults-sha256={shipped_defaults_digest()} triton={aot_cache.triton_version()} -->",
         "",
         "Columns: `smem B` = dynamic + static shared memory (LDS) per block / the target's opt-in maximum;",
         "`regs` = registers per thread (NVIDIA, cuobjdump) or VGPRs (AMD, arch + accumulation);",

@@ -1,0 +1,80 @@
+"""The on-disk cache of ahead-of-time compile records: ``cache_root()/aot/triton-<version>/<target>/<key>.json``.
+
+A record is a small JSON dict (resources, or the compiler's error).  The key (``aot.AotJob.cache_key``)
+covers the kernel's source files, its signature and constants, the launch options, the target and the
+Triton version, so an entry never goes stale; it only stops being looked up.  Every cache is optional:
+a missing, corrupt or unwritable entry costs a recompile, never a failure.  Writers are atomic
+(temp file + ``os.replace``), so concurrent test workers at worst compile the same kernel twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ...paths import cache_root
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@functools.cache
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digest(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"  # the compile will fail and say so
+    return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def source_hash(kernel_files: list[str]) -> str:
+    """Hash of the kernel's files and of the other modules of this package (helpers, codegen).
+
+    The checker's own modules (``aot*.py``) are left out: ``aot.FORMAT_VERSION`` versions what they record.
+    """
+    package = [p for p in _PACKAGE_DIR.glob("*.py") if not p.name.startswith("aot")]
+    files = sorted({*(Path(f).resolve() for f in kernel_files), *package})
+    return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where compile records live: ``cache_root()/aot/triton-<version>/``."""
+    return cache_root() / "aot" / f"triton-{triton_version()}"
+
+
+def path(target: str, key: str) -> Path:
+    return cache_dir() / target / f"{key}.json"
+
+
+def load(target: str, key: str) -> dict | None:
+    """The cached record of ``key`` for ``target``, or None when missing or corrupt (compile again)."""
+    try:
+        return json.loads(path(target, key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(target: str, key: str, result: dict) -> None:
+    """Write ``result`` atomically; an unwritable cache costs a recompile next time, never a failure."""
+    destination = path(target, key)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=destination.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(result, tmp)
+        os.replace(tmp.name, destination)
+    except OSError:
+        pass
