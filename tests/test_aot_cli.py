@@ -49,3 +49,23 @@ def test_forced_config_is_compiled_as_given(capsys):
     assert aot.run_aot(args) == 0
     table = capsys.readouterr().out
     assert "gfx942" in table and "32x32 w4 s1" in table and "bwd_preprocess" in table
+
+
+def doubled_score(score, b, h, q_idx, kv_idx):
+    """A user's own score_mod, as ``--score-mod test_aot_cli:doubled_score`` imports it."""
+    return score * 2.0
+
+
+def test_a_users_own_mod_is_imported_and_planned_without_compiling():
+    args = _parse("--score-mod", f"{__name__}:doubled_score", "--mask", "causal")
+    variants = aot_report._variants(args)
+    assert variants == [("causal", doubled_score)]
+    (job,) = aot_report.plan(["sm_90"], variants, ["bf16"], [128], ["fwd"])
+    assert job.variant == "causal+doubled_score" and job.kernel == "fwd" and job.target == "sm_90"
+    generated_files = [ref[2] for ref in job.constexprs.values() if isinstance(ref, tuple)]
+    assert generated_files and all(path.endswith(".py") for path in generated_files)
+
+
+def test_mod_spec_must_name_module_and_attribute():
+    with pytest.raises(SystemExit, match="expected MODULE:NAME"):
+        aot_report.load_mod("just_a_module")

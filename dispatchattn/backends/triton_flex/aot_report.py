@@ -4,6 +4,7 @@
 
     python -m dispatchattn aot --target sm_90,gfx942 --mask causal --score softcap
     python -m dispatchattn aot --config 128,64,8,3 --target sm_86 --json
+    python -m dispatchattn aot --score-mod my_model.attention:tanh_bias --target sm_90,gfx942
     python -m dispatchattn aot --head-dim 64,128,256 --markdown > docs/aot_resources.md
 
 Variants are built from ``dispatchattn.masks`` / ``dispatchattn.scores``; configs come from the shipped
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib
 import itertools
 import json
 import sys
@@ -58,9 +60,23 @@ LAUNCHES: dict[str, tuple[str, ...]] = {"fwd": ("fwd",), "bwd": ("bwd_preprocess
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def variant_name(mask: str | None, score: str | None) -> str:
-    """CLI names joined: "plain", "causal", "causal+softcap"."""
-    return "+".join(name for name in (mask, score) if name) or "plain"
+def variant_name(mask, score) -> str:
+    """CLI names (or a user mod's ``__name__``) joined: "plain", "causal", "causal+softcap"."""
+    names = [m if isinstance(m, str) else getattr(m, "__name__", type(m).__name__) for m in (mask, score) if m]
+    return "+".join(names) or "plain"
+
+
+def _build(mod, table: dict[str, Callable[[], object]]):
+    """A named variant's mod from ``table``, a user's callable as is, None for none."""
+    return table[mod]() if isinstance(mod, str) else mod
+
+
+def load_mod(spec: str):
+    """``"package.module:name"`` -> that callable (a user's own score_mod / mask_mod)."""
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise SystemExit(f"aot: expected MODULE:NAME for a mod, got {spec!r}")
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def shipped_config(tune_kernel: str, target: str, dtype: str, head_dim: int) -> TileConfig | None:
@@ -79,7 +95,7 @@ def configs_for(tune_kernel: str, target: str, dtype: str, head_dim: int, source
 
 def plan(
     targets: list[str],
-    variants: list[tuple[str | None, str | None]],
+    variants: list[tuple],
     dtypes: list[str],
     head_dims: list[int],
     kernels: list[str] | None = None,
@@ -88,13 +104,15 @@ def plan(
 ) -> list[aot.AotJob]:
     """Every (variant, kernel, dtype, head dim, config, target) job; ``config`` overrides ``source``.
 
+    A variant is a (mask, score) pair, each a name of ``MASKS`` / ``SCORES``, a user's callable, or None.
+
     The kernel preprocess pass does not depend on the mods, so it is planned for the first variant only.
     """
     from . import codegen
 
     jobs = []
     for position, (mask, score) in enumerate(variants):
-        generated = codegen.generate(SCORES[score]() if score else None, MASKS[mask]() if mask else None)
+        generated = codegen.generate(_build(score, SCORES), _build(mask, MASKS))
         launches = [(tune, launch) for tune, names in LAUNCHES.items() for launch in names]
         for (tune_kernel, launch), dtype, head_dim, target in itertools.product(launches, dtypes, head_dims, targets):
             if (kernels and launch not in kernels) or (launch == "bwd_preprocess" and position > 0):
@@ -213,6 +231,8 @@ def add_aot_parser(subparsers) -> argparse.ArgumentParser:
     add("--target", type=_csv, default=list(AOT_TARGETS), help=f"comma list (default: {','.join(AOT_TARGETS)})")
     add("--mask", type=_csv, default=[], help=f"comma list of {','.join(MASKS)} (default: none)")
     add("--score", type=_csv, default=[], help=f"comma list of {','.join(SCORES)} (default: none)")
+    add("--mask-mod", default=None, help="your own mask_mod, imported as MODULE:NAME")
+    add("--score-mod", default=None, help="your own score_mod, imported as MODULE:NAME")
     add("--variants", choices=["checked"], help="the variants the tests check (plain, causal, window, ...)")
     add("--kernel", type=_csv, default=None, help="comma list of fwd,bwd_preprocess,bwd_dkdv,bwd_dq")
     add("--dtype", type=_csv, default=["bf16"], help="comma list of bf16,fp16,fp32 (default: bf16)")
@@ -234,7 +254,9 @@ def _variants(args) -> list[tuple[str | None, str | None]]:
     for name, known in [*((m, MASKS) for m in args.mask), *((s, SCORES) for s in args.score)]:
         if name not in known:
             raise SystemExit(f"aot: unknown variant {name!r}; expected one of {', '.join(known)}")
-    return [(m, s) for m in (args.mask or [None]) for s in (args.score or [None])]
+    mask_names = args.mask + ([load_mod(args.mask_mod)] if args.mask_mod else [])
+    score_names = args.score + ([load_mod(args.score_mod)] if args.score_mod else [])
+    return [(m, s) for m in (mask_names or [None]) for s in (score_names or [None])]
 
 
 def run_aot(args) -> int:
