@@ -2,20 +2,24 @@
 
 The resource estimate in ``space.py`` prunes before timing; it cannot see what Triton really allocates.
 ``verify_document`` compiles every entry's config with ``backends.triton_flex.aot`` (each launch of the
-kernel: forward, or the backward's dK/dV and dQ), and while a launch is rejected (shared memory over the
-limit, registers spilled) shrinks the config one step, as the heuristic does.  Each entry then records
-what was measured in ``checked``.  Still not timed: ``"measured": false`` stays.
+kernel: forward, or the backward's dK/dV and dQ).  While every config tried for an entry is rejected
+(shared memory over the limit, registers spilled, the wrong matrix instructions), the next round tries
+each rejected config one pipeline stage shorter and one shrink step smaller (as the heuristic shrinks),
+and keeps the largest tile that passes.  Each entry records what was measured in ``checked``; it is
+still not timed, so ``"measured": false`` stays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .config import TileConfig
 from .space import _shrink
 
 LAUNCHES = {"fwd": ("fwd",), "bwd": ("bwd_dkdv", "bwd_dq")}
-MAX_ROUNDS = 8
+MAX_ROUNDS = 6
+FRONTIER = 3  # configs tried per entry and round
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -27,66 +31,79 @@ def _summary(records) -> str:
     return "; ".join(parts)
 
 
-def _compile_round(pending: dict[str, tuple[str, str, int, TileConfig]], target: str, workers: int):
-    """{entry name: (config, [records])} for one batch of compiles of every pending entry."""
+def _preference(config: TileConfig) -> tuple:
+    """Larger tiles first, then deeper pipelines, then fewer warps."""
+    return (-config.block_m * config.block_n, -config.num_stages, config.num_warps, config.block_m)
+
+
+def _compile_round(pending: dict[tuple[str, TileConfig], tuple[str, str, int]], target: str, workers: int):
+    """({(entry, config): [reject reason or None per launch]}, {(entry, config): [records]})."""
     from ..backends.triton_flex import aot
 
     jobs, owners = [], []
-    for name, (kernel, dtype, head_dim, config) in pending.items():
+    for (name, config), (kernel, dtype, head_dim) in pending.items():
         for launch in LAUNCHES[kernel]:
             jobs.append(aot.make_job(launch, config, target, DTYPE_SHORT[dtype], head_dim))
-            owners.append(name)
-    records: dict[str, list] = {name: [] for name in pending}
+            owners.append((name, config))
+    records: dict[tuple[str, TileConfig], list] = {owner: [] for owner in pending}
     for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers)):
         records[owner].append(record)
-    return {name: [aot.reject_reason(r) for r in records[name]] for name in pending}, records
+    return {owner: [aot.reject_reason(r) for r in records[owner]] for owner in pending}, records
 
 
-def _pending(document: dict, dtypes: Iterable[str]) -> dict[str, tuple[str, str, int, TileConfig]]:
-    pending = {}
-    for name, entry in document["tile_configs"].items():
+def _entries(document: dict, dtypes: Iterable[str]) -> dict[str, tuple[str, str, int]]:
+    entries = {}
+    for name in document["tile_configs"]:
         kernel, dtype, dims = name.split()
         if dtype in dtypes:
-            head_dim = int(dims.removeprefix("d").split("/")[0])
-            pending[name] = (kernel, dtype, head_dim, TileConfig.from_dict(entry["config"]))
-    return pending
+            entries[name] = (kernel, dtype, int(dims.removeprefix("d").split("/")[0]))
+    return entries
+
+
+def _children(config: TileConfig, kernel: str, problem: str) -> list[TileConfig]:
+    shorter = replace(config, num_stages=config.num_stages - 1) if config.num_stages > 1 else None
+    smaller = _shrink(config, kernel, registers_short="spills" in problem)
+    return [c for c in dict.fromkeys((shorter, smaller)) if c is not None]
 
 
 def verify_document(
     document: dict, target: str, dtypes: Iterable[str] = ("bfloat16",), workers: int = 2
 ) -> list[str]:
-    """Compile and, where rejected, shrink the entries of ``document`` (for ``target``) of ``dtypes``.
+    """Compile (and where rejected, shrink) the entries of ``document`` for ``target`` of ``dtypes``.
 
     Updates entries in place (``config``, ``checked``, ``note``); returns one line per entry for a log.
     """
     import triton
 
-    pending, log = _pending(document, dtypes), []
-    rejected: dict[str, list[str]] = {name: [] for name in pending}
+    entries, log = _entries(document, dtypes), []
+    frontier = {name: [TileConfig.from_dict(document["tile_configs"][name]["config"])] for name in entries}
+    first_rejection: dict[str, str] = {}
     for _ in range(MAX_ROUNDS):
-        if not pending:
+        if not frontier:
             break
+        pending = {(name, c): entries[name] for name, configs in frontier.items() for c in configs}
         reasons, records = _compile_round(pending, target, workers)
-        for name in list(pending):
-            kernel, dtype, head_dim, config = pending.pop(name)
+        for name, configs in list(frontier.items()):
             entry = document["tile_configs"][name]
-            problems = [r for r in reasons[name] if r]
-            if not problems:
-                entry["config"] = config.to_dict()
-                entry["checked"] = f"compiled with Triton {triton.__version__} for {target}: {_summary(records[name])}"
-                log.append(f"{target} {name}: {config.short()} fits")
+            passing = [c for c in configs if not any(reasons[(name, c)])]
+            if passing:
+                best = min(passing, key=_preference)
+                entry["config"] = best.to_dict()
+                summary = _summary(records[(name, best)])
+                entry["checked"] = f"compiled with Triton {triton.__version__} for {target}: {summary}"
+                log.append(f"{target} {name}: {best.short()} fits")
+                del frontier[name]
                 continue
-            rejected[name].append(f"{config.short()}: {problems[0]}")
-            smaller = _shrink(config, kernel, registers_short="spills" in problems[0], measured=True)
-            if smaller is not None and len(rejected[name]) < MAX_ROUNDS:
-                pending[name] = (kernel, dtype, head_dim, smaller)
-                continue
-            entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's: {rejected[name][0]}"
-            log.append(f"{target} {name}: nothing passed, kept {entry['config']}")
-    for name, trail in rejected.items():
-        if trail:
-            entry = document["tile_configs"][name]
-            entry["note"] += f"; ahead-of-time compile rejected {len(trail)} config(s), first {trail[0]}"
+            problems = {c: next(r for r in reasons[(name, c)] if r) for c in configs}
+            first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
+            children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
+            frontier[name] = sorted(children, key=_preference)[:FRONTIER]
+    for name in frontier:
+        entry = document["tile_configs"][name]
+        entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's: {first_rejection[name]}"
+        log.append(f"{target} {name}: nothing passed, kept {TileConfig.from_dict(entry['config']).short()}")
+    for name, rejection in first_rejection.items():
+        document["tile_configs"][name]["note"] += f"; ahead-of-time compile rejected {rejection}"
     return log
 
 
