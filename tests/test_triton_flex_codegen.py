@@ -131,3 +131,16 @@ def test_aot_entry_describes_every_argument(kernel):
         assert signature["B0"] == "*fp32" and signature["Q"] == "*bf16"
     if kernel == "bwd_dq":
         assert constexprs["ACCUMULATE"] is True and signature["G0"] == "*fp32"
+
+
+def test_memo_skips_tracing_but_sees_replaced_tensors():
+    def bias_mod(table):
+        return lambda s, b, h, q, kv: s + table[h, kv % 8]
+
+    table = torch.randn(2, 8)
+    mod = bias_mod(table)
+    first = codegen.generate(mod, None)
+    assert codegen.generate(mod, None) is first
+    relearnable = torch.randn(2, 8, requires_grad=True)
+    replaced = codegen.generate(lambda s, b, h, q, kv: mod(s, b, h, q, kv) + 0 * relearnable[h, 0], None)
+    assert replaced.grad_slots == (1,) and replaced.buffers[1] is relearnable

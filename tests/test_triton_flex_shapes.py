@@ -143,3 +143,12 @@ def test_rejects_heads_not_divisible():
     k = torch.randn(1, 2, 16, 16)
     with pytest.raises(ValueError, match="not a multiple"):
         triton_flex_attention(q, k, k, scale=1.0)
+
+
+def test_batched_document_ids():
+    """(B, S) document ids: the block lists get a batch dimension and each row keeps its own documents."""
+    gen = torch.Generator().manual_seed(16)
+    ids = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)) for lengths in
+                       ([20, 30, 14], [40, 4, 20])])
+    q, k, v = (_randn(gen, 2, 2, 64, 32) for _ in range(3))
+    _check(q, k, v, da.scores.softcap(4.0), da.masks.document(ids), gen, TOL_FP32, TileConfig(32, 32))

@@ -29,6 +29,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,10 +216,72 @@ def _trace_pair(score_mod: Callable | None, mask_mod: Callable | None, device=No
     return score, mask, buffers
 
 
+def _reachable_tensors(obj, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors a mod can read: its attributes, closure cells, defaults and named globals (two levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 2:
+        return []
+    if callable(obj) and hasattr(obj, "__code__"):
+        cells = [c.cell_contents for c in (obj.__closure__ or ()) if _cell_filled(c)]
+        named = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+        children = cells + list(obj.__defaults__ or ()) + named
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__ != "builtins":
+        children = list(vars(obj).values())
+    else:
+        return []
+    found = []
+    for child in children:
+        if isinstance(child, torch.Tensor) or callable(child) or hasattr(child, "__dict__"):
+            found.extend(_reachable_tensors(child, depth + 1))
+    return found
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+        return True
+    except ValueError:
+        return False
+
+
+def _memo_key(mod: Callable | None) -> tuple | None:
+    if mod is None:
+        return None
+    try:
+        identity = (hash(mod), mod)
+    except TypeError:
+        identity = (id(mod), None)
+    tensors = tuple((id(t), t.requires_grad, t.device, t.shape, t.stride()) for t in _reachable_tensors(mod))
+    return (*identity, tensors)
+
+
+_generated: OrderedDict[tuple, tuple[Generated, tuple]] = OrderedDict()
+_MEMO_SIZE = 64
+
+
 def generate(score_mod: Callable | None, mask_mod: Callable | None,
              device: torch.device | str | None = None) -> Generated:
     """Trace both mods (over index tensors on ``device``, the attention inputs' device; default CPU),
-    emit (or load from the disk cache) their Triton module and return it."""
+    emit (or load from the disk cache) their Triton module and return it.
+
+    Memoised per (mods, device, identity of the tensors they reach: attributes, closure cells, defaults,
+    named globals), so a warm call does not re-trace (~30 ms).  A plain function is re-traced when one of
+    those tensors is replaced; pass a new function if it reads tensors only through other helpers.
+    """
+    key = (str(device), _memo_key(score_mod), _memo_key(mask_mod))
+    hit = _generated.get(key)
+    if hit is not None:
+        _generated.move_to_end(key)
+        return hit[0]
+    generated = _generate(score_mod, mask_mod, device)
+    _generated[key] = (generated, (score_mod, mask_mod))  # keeps id-keyed functions alive
+    if len(_generated) > _MEMO_SIZE:
+        _generated.popitem(last=False)
+    return generated
+
+
+def _generate(score_mod: Callable | None, mask_mod: Callable | None, device) -> Generated:
     score, mask, buffers = _trace_pair(score_mod, mask_mod, device)
     score_buffers = score.buffers if score is not None else []
     grad_slots = tuple(
