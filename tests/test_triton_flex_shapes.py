@@ -152,3 +152,21 @@ def test_batched_document_ids():
                        ([20, 30, 14], [40, 4, 20])])
     q, k, v = (_randn(gen, 2, 2, 64, 32) for _ in range(3))
     _check(q, k, v, da.scores.softcap(4.0), da.masks.document(ids), gen, TOL_FP32, TileConfig(32, 32))
+
+
+def test_launch_functions_take_the_kernel_key_and_captured_tensors():
+    """What a ``torch.library.triton_op`` wrapper would do: find the kernel by key, pass new tensors."""
+    from dispatchattn.backends.triton_flex import codegen
+    from dispatchattn.backends.triton_flex.autograd import flex_forward
+    from dispatchattn.backends.triton_flex.block_mask import build_block_mask
+
+    gen = torch.Generator().manual_seed(17)
+    table = torch.randn(2, 40, generator=gen)
+    key = codegen.generate(lambda s, b, h, q_idx, kv_idx: s + table[h, kv_idx], None).key
+    other = torch.randn(2, 40, generator=gen)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen) for _ in range(3))
+    block_mask = build_block_mask(None, batch=1, heads=2, seq_q=40, seq_kv=40, block_m=64, block_n=64)
+    out, lse = flex_forward(q, k, v, codegen.generated_by_key(key), block_mask, 0.2, TileConfig(64, 64),
+                            buffers=[other])
+    ref, ref_lse = reference(q, k, v, lambda s, b, h, q_idx, kv_idx: s + other[h, kv_idx], None, 0.2)
+    assert (out.double() - ref).abs().max() < TOL_FP32["out"] and (lse.double() - ref_lse).abs().max() < 1.2e-6

@@ -74,24 +74,37 @@ def _q_lists(block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
             block_mask.full_q_indices)
 
 
+def _slots(generated: codegen.Generated, buffers: list[torch.Tensor] | None, device) -> list[torch.Tensor]:
+    """BUF0..BUF3: ``buffers`` (the captured tensors, e.g. passed through an op boundary) or the traced ones."""
+    if buffers is None:
+        return buffer_slots(generated, device)
+    filler = torch.zeros(1, dtype=torch.int32, device=device)
+    return [*buffers, *([filler] * (MAX_BUFFERS - len(buffers)))]
+
+
 def flex_forward(q, k, v, generated: codegen.Generated, block_mask: BlockMask, scale: float,
-                 config: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel: (out in q's layout family, lse (B, Hq, Sq) fp32 natural log)."""
+                 config: TileConfig, buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: (out in q's layout family, lse (B, Hq, Sq) fp32 natural log).
+
+    ``generated`` may come from ``codegen.generated_by_key(key)``; ``buffers`` then carries the captured
+    tensors (same shapes, dtypes and strides as when the kernel was generated).
+    """
     out = _out_like(q, v.shape[-1], q.dtype)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    buffers = buffer_slots(generated, q.device)
+    buffers = _slots(generated, buffers, q.device)
     launch = fwd_launch(q, k, v, out, lse, buffers, _kv_lists(block_mask), scale, generated, config, True)
     launch.run(config, _vendor(q.device))
     return out, lse
 
 
 def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, block_mask: BlockMask,
-                  scale: float, config: TileConfig) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, *grads of the captured tensors in ``generated.grad_slots``)."""
+                  scale: float, config: TileConfig,
+                  buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, *grads of the captured tensors in ``generated.grad_slots``); ``dlse`` may be None."""
     vendor = _vendor(q.device)
     delta = torch.empty_like(lse)
     preprocess_launch(out, dout, dlse, delta, config.block_m).run(config, vendor)
-    buffers = buffer_slots(generated, q.device)
+    buffers = _slots(generated, buffers, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, _q_lists(block_mask), scale, generated,
                 config).run(config, vendor)

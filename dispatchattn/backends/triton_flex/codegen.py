@@ -40,7 +40,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ...paths import cache_root
 
-__all__ = ["Generated", "generate", "unsupported_reason", "MAX_BUFFERS", "CODEGEN_VERSION"]
+__all__ = ["Generated", "generate", "generated_by_key", "unsupported_reason", "MAX_BUFFERS", "CODEGEN_VERSION"]
 
 #: Bump when the emitted code changes meaning: it is part of every cache key.
 CODEGEN_VERSION = 1
@@ -281,6 +281,19 @@ def generate(score_mod: Callable | None, mask_mod: Callable | None,
     return generated
 
 
+_by_key: dict[str, Generated] = {}
+
+
+def generated_by_key(key: str) -> Generated:
+    """The generated kernel of ``key`` (from an earlier ``generate`` in this process): lets an op that
+    receives only the key and the captured tensors (e.g. a ``torch.library.triton_op``) find its kernel."""
+    try:
+        return _by_key[key]
+    except KeyError:
+        message = f"no generated Triton flex kernel {key[:12]}... in this process; call generate() first"
+        raise KeyError(message) from None
+
+
 def _generate(score_mod: Callable | None, mask_mod: Callable | None, device) -> Generated:
     score, mask, buffers = _trace_pair(score_mod, mask_mod, device)
     score_buffers = score.buffers if score is not None else []
@@ -290,7 +303,8 @@ def _generate(score_mod: Callable | None, mask_mod: Callable | None, device) -> 
     )
     key = _graph_key(score, mask, buffers)
     module, path = _load_or_emit(key, score, mask, buffers, grad_slots)
-    return Generated(key, module, path, buffers, grad_slots, score is not None, mask is not None)
+    _by_key[key] = Generated(key, module, path, buffers, grad_slots, score is not None, mask is not None)
+    return _by_key[key]
 
 
 def unsupported_reason(score_mod: Callable | None, mask_mod: Callable | None,
