@@ -350,6 +350,7 @@ _UNARY = {
     "rsqrt": "tl.rsqrt({0})", "floor": "tl.floor({0})", "ceil": "tl.ceil({0})", "sin": "tl.sin({0})",
     "cos": "tl.cos({0})", "logical_not": "({0} == 0)", "bitwise_not": "~{0}", "reciprocal": "1.0 / {0}",
     "sign": "tl.where({0} > 0, 1, tl.where({0} < 0, -1, 0))", "relu": "tl.maximum({0}, 0)",
+    "log1p": "tl.log(1.0 + {0})", "expm1": "tl.exp({0}) - 1.0",
 }
 _BINARY = {
     "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "eq": "{0} == {1}", "ne": "{0} != {1}",
@@ -396,6 +397,12 @@ _GRAD_RULES: dict[str, Callable] = {
     "_to_copy": lambda g, a, o, k: {0: g},
     "clone": lambda g, a, o, k: {0: g}, "alias": lambda g, a, o, k: {0: g},
     "pow": lambda g, a, o, k: {0: f"{g} * {a[1]} * {o} / {a[0]}"},
+    "log1p": lambda g, a, o, k: {0: f"{g} / (1.0 + {a[0]})"},
+    "expm1": lambda g, a, o, k: {0: f"{g} * ({o} + 1.0)"},
+    "sin": lambda g, a, o, k: {0: f"{g} * tl.cos({a[0]})"},
+    "cos": lambda g, a, o, k: {0: f"-{g} * tl.sin({a[0]})"},
+    # piecewise constant: zero derivative almost everywhere (torch's convention)
+    "floor": lambda g, a, o, k: {}, "ceil": lambda g, a, o, k: {}, "sign": lambda g, a, o, k: {},
 }
 
 _PRELUDE = '''import triton
