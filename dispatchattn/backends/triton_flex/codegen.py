@@ -396,7 +396,8 @@ _GRAD_RULES: dict[str, Callable] = {
     "clamp_max": lambda g, a, o, k: {0: f"tl.where({o} == {a[0]}, {g}, 0.0)"},
     "_to_copy": lambda g, a, o, k: {0: g},
     "clone": lambda g, a, o, k: {0: g}, "alias": lambda g, a, o, k: {0: g},
-    "pow": lambda g, a, o, k: {0: f"{g} * {a[1]} * {o} / {a[0]}"},
+    "pow": lambda g, a, o, k: {0: {2.0: f"2.0 * {g} * {a[0]}", 3.0: f"3.0 * {g} * {a[0]} * {a[0]}",
+                                   0.5: f"{g} * 0.5 / {o}", -1.0: f"-{g} * {o} * {o}", 1.0: g}[float(a[1])]},
     "log1p": lambda g, a, o, k: {0: f"{g} / (1.0 + {a[0]})"},
     "expm1": lambda g, a, o, k: {0: f"{g} * ({o} + 1.0)"},
     "sin": lambda g, a, o, k: {0: f"{g} * tl.cos({a[0]})"},
@@ -639,7 +640,7 @@ class _Emitter:
         if any(size != 1 for size in view.sizes):
             raise Unsupported(f"{self.traced.kind} uses a captured tensor of shape {tuple(view.sizes)} "
                               "without indexing every dimension; index it with b / h / q_idx / kv_idx")
-        return self._load(node, view, [], [])
+        return self._load(node, view, [])
 
     def _index(self, node: torch.fx.Node) -> _Value:
         view = self.values[node.args[0]].view
@@ -652,9 +653,9 @@ class _Emitter:
                 f"{self.traced.kind} indexes a captured tensor of shape {tuple(view.sizes)} with "
                 f"{len(indices)} index tensors; every dimension must be indexed by one expression"
             )
-        return self._load(node, view, [self.arg(i) for i in indices], indices)
+        return self._load(node, view, [self.arg(i) for i in indices])
 
-    def _load(self, node, view: _BufferView, index_values: list[_Value], _) -> _Value:
+    def _load(self, node, view: _BufferView, index_values: list[_Value]) -> _Value:
         name = f"v_{node.name}"
         lines = [f"# aten.index(buf{view.slot}, [{', '.join(v.expr for v in index_values)}]): "
                  f"captured tensor {view.slot}, {str(view.dtype).removeprefix('torch.')} {list(view.sizes)}"]
