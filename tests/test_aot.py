@@ -91,7 +91,8 @@ def test_oversized_tile_is_rejected_with_the_numbers():
 def test_warm_cache_compiles_nothing(toy_records, monkeypatch, tmp_path):
     monkeypatch.setenv("DISPATCHATTN_CACHE_DIR", str(tmp_path))
     job = toy_job("sm_90")
-    aot._store(job, {"shared_bytes": 1234, "registers": 99, "matrix_instr": "wgmma", "spill_bytes": 0})
+    result = {"shared_bytes": 1234, "registers": 99, "matrix_instr": "wgmma", "spill_bytes": 0}
+    aot_cache.store(job.target, job.cache_key(), result)
     monkeypatch.setattr(aot, "compile_in_workers", lambda *a, **k: pytest.fail("compiled despite a warm cache"))
     (record,) = aot.compile_jobs([job])
     assert record.shared_bytes == 1234 and record.fits

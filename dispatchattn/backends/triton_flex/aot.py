@@ -214,14 +214,6 @@ def record_from_result(job: AotJob, result: dict) -> AotRecord:
     return record
 
 
-def _load_cached(job: AotJob) -> dict | None:
-    return aot_cache.load(job.target, job.cache_key())
-
-
-def _store(job: AotJob, result: dict) -> None:
-    aot_cache.store(job.target, job.cache_key(), result)
-
-
 # --- compiling ---------------------------------------------------------------------------------------
 
 
@@ -248,14 +240,15 @@ def compile_jobs(
 
     ``workers``: compile processes (default: the usable CPUs); ``progress(done, total)`` while compiling.
     """
-    results = [_load_cached(job) if use_cache else None for job in jobs]
+    keys = [job.cache_key() for job in jobs]  # before compiling: sources may change while it runs
+    results = [aot_cache.load(job.target, key) if use_cache else None for job, key in zip(jobs, keys)]
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
         fresh = compile_in_workers([jobs[i].payload() for i in missing], workers, progress)
         for i, result in zip(missing, fresh):
             results[i] = result
             if not result.pop("transient", False):
-                _store(jobs[i], result)
+                aot_cache.store(jobs[i].target, keys[i], result)
     return [record_from_result(job, result) for job, result in zip(jobs, results)]
 
 
@@ -357,7 +350,7 @@ def check_config(
     launches = ("bwd_dkdv", "bwd_dq", "bwd_preprocess") if kernel == "bwd" else (kernel,)
     jobs = [make_job(k, config, target, dtype, head_dim, head_dim_v, **kwargs) for k in launches]
     if cached_only:
-        cached = [_load_cached(job) for job in jobs]
+        cached = [aot_cache.load(job.target, job.cache_key()) for job in jobs]
         if any(result is None for result in cached):
             return None
         records = [record_from_result(job, result) for job, result in zip(jobs, cached)]
