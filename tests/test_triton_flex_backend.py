@@ -74,10 +74,10 @@ def test_attention_call_with_is_causal_and_bool_mask(layout):
     to_bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
     causal_keep = lambda b, h, qi, ki: keep[b, 0 * h, qi, ki] & (qi >= ki)  # noqa: E731
     ref, _ = reference(to_bhsd(q), to_bhsd(k), to_bhsd(v), None, causal_keep, 32**-0.5)
-    assert (to_bhsd(out).double() - ref).abs().max() < 1e-6  # fp32, measured 4e-7
+    assert (to_bhsd(out).double() - ref).abs().max() < 1e-6  # fp32, measured 6.5e-7 (3 seeds, both layouts)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
-    assert all((g.double() - r).abs().max() < 4e-6 for g, r in zip(grads, ref_grads))  # measured 1.5e-6
+    assert all((g.double() - r).abs().max() < 4e-6 for g, r in zip(grads, ref_grads))  # measured 1.9e-6
 
 
 def test_float_attn_mask_is_added_to_the_scores():
@@ -86,7 +86,8 @@ def test_float_attn_mask_is_added_to_the_scores():
     bias = torch.randn(1, 4, 50, 50, generator=gen)
     out, lse = da.attention(q, k, v, attn_mask=bias, enable_gqa=True, return_lse=True, backend="triton_flex")
     ref, ref_lse = reference(q, k, v, lambda s, b, h, qi, ki: s + bias[0 * b, h, qi, ki], None, 32**-0.5)
-    assert (out.double() - ref).abs().max() < 1e-6 and (lse.double() - ref_lse).abs().max() < 1.5e-6
+    # measured (3 seeds): out 6.1e-7, lse 7.0e-7
+    assert (out.double() - ref).abs().max() < 1.2e-6 and (lse.double() - ref_lse).abs().max() < 1.4e-6
 
 
 def test_explanation_names_kernel_sparsity_and_tiles():
