@@ -102,7 +102,7 @@ def test_fp16_forward():
     q, k, v = (torch.randn(1, 2, 50, 32, generator=gen).half() for _ in range(3))
     out, _ = triton_flex_attention(q, k, v, mask_mod=da.masks.causal(), scale=0.2, fwd_config=TileConfig(64, 64))
     ref, _ = reference(q, k, v, None, da.masks.causal(), 0.2)
-    assert out.dtype == torch.float16 and (out.double() - ref).abs().max() < 2e-3  # measured 5e-4
+    assert out.dtype == torch.float16 and (out.double() - ref).abs().max() < 2e-3  # measured 9e-4
 
 
 def test_fully_masked_rows_are_zero_with_minus_inf_lse_and_finite_grads():
