@@ -7,5 +7,5 @@
 - ``autograd``: ``triton_flex_attention(q, k, v, *, score_mod, mask_mod, scale, ...)``.
 - ``backend``: ``TritonFlexBackend``, the adapter the selector uses.
 
-Nothing here imports triton until a kernel is launched or compiled.
+Importing this package or ``backend`` does not import triton; launching, compiling or generating does.
 """
