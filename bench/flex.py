@@ -123,7 +123,7 @@ def _gpu_only_runners(name, q, k, v, score_mod, mask_mod, window: int) -> dict:
     elif name == "softcap":
         extra["softcap"] = score_mod.cap
     elif name == "alibi":
-        extra["alibi_slopes"] = -score_mod.slopes.float()  # flash: -slope*|i-j|, equal under causal
+        extra["alibi_slopes"] = score_mod.slopes.float()  # flash adds -slope*|i-j|: ours under causal
     if name != "document":
         result["flash"] = lambda: flash_attn_func(qs, ks, vs, **extra)
     return result
