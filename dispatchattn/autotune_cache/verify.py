@@ -79,6 +79,7 @@ def verify_document(
     frontier = {name: [TileConfig.from_dict(document["tile_configs"][name]["config"])] for name in entries}
     first_rejection: dict[str, str] = {}
     for _ in range(MAX_ROUNDS):
+        frontier = {name: configs for name, configs in frontier.items() if configs}  # drop exhausted entries
         if not frontier:
             break
         pending = {(name, c): entries[name] for name, configs in frontier.items() for c in configs}
@@ -98,7 +99,7 @@ def verify_document(
             first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
             children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
             frontier[name] = sorted(children, key=_preference)[:FRONTIER]
-    for name in frontier:
+    for name in first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}:
         entry = document["tile_configs"][name]
         entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's: {first_rejection[name]}"
         log.append(f"{target} {name}: nothing passed, kept {TileConfig.from_dict(entry['config']).short()}")
