@@ -90,7 +90,7 @@ SHAPE = dict(batch=2, heads=3, seq_q=100, seq_kv=130, block_m=32, block_n=16)
 def test_analytic_block_lists_equal_evaluated_ones(mask, monkeypatch):
     bound = mask.bind(100, 130)
     analytic = block_mask.build_block_mask(bound, **SHAPE)
-    monkeypatch.setattr(block_mask, "CHUNK_ELEMENTS", 2 * 3 * 130 * 32)  # one q tile per chunk
+    monkeypatch.setattr(block_mask, "CHUNK_ELEMENTS", 2 * 3 * 32 * 16 * 3)  # 3 tiles per chunk: both axes
     opaque = block_mask.build_block_mask(lambda b, h, q, kv: bound(b, h, q, kv), **SHAPE)
     assert (opaque.mask_batch, opaque.mask_heads) == (1, 1)  # the lambda ignores b and h
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",

@@ -74,28 +74,43 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _evaluate_block(mask_mod: Callable, b, h, q_range: range, kv_range: range, block_m: int, block_n: int,
+                    device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) per tile of one rectangle of whole tiles; positions past the end count as don't-care."""
+    q = torch.arange(q_range.start, q_range.stop, device=device, dtype=torch.int32).view(1, 1, -1, 1)
+    kv = torch.arange(kv_range.start, kv_range.stop, device=device, dtype=torch.int32).view(1, 1, 1, -1)
+    with torch.no_grad():
+        allowed = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
+    rows, cols = len(q_range), len(kv_range)
+    allowed = _as_4d(allowed).expand(-1, -1, rows, cols)
+    pad = (0, -(-cols // block_n) * block_n - cols, 0, -(-rows // block_m) * block_m - rows)
+    tiles = (allowed.shape[0], allowed.shape[1], -1, block_m, -(-cols // block_n), block_n)
+    any_ = torch.nn.functional.pad(allowed, pad, value=False).view(tiles).any(5).any(3)
+    all_ = torch.nn.functional.pad(allowed, pad, value=True).view(tiles).all(5).all(3)
+    return any_, all_
+
+
 def _opaque_classes(mask_mod: Callable, batch: int, heads: int, seq_q: int, seq_kv: int,
                     block_m: int, block_n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluate ``mask_mod`` on broadcast index grids, ``rows`` q positions at a time (whole q tiles)."""
-    n_kv = -(-seq_kv // block_n)
-    tiles_per_chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * seq_kv * block_m))
+    """Evaluate ``mask_mod`` on broadcast index grids, one rectangle of whole tiles at a time, each of at
+    most ``CHUNK_ELEMENTS`` mask elements (or one tile) over the batch and heads."""
+    per_tile = max(1, batch * heads * block_m * block_n)
+    kv_tiles = max(1, min(-(-seq_kv // block_n), CHUNK_ELEMENTS // per_tile))
+    q_tiles = max(1, CHUNK_ELEMENTS // (per_tile * kv_tiles))
     b = torch.arange(batch, device=device, dtype=torch.int32).view(-1, 1, 1, 1)
     h = torch.arange(heads, device=device, dtype=torch.int32).view(1, -1, 1, 1)
-    kv = torch.arange(seq_kv, device=device, dtype=torch.int32).view(1, 1, 1, -1)
-    anys, fulls = [], []
-    for first in range(0, seq_q, tiles_per_chunk * block_m):
-        last = min(seq_q, first + tiles_per_chunk * block_m)
-        q = torch.arange(first, last, device=device, dtype=torch.int32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            allowed = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
-        allowed = _as_4d(allowed).expand(-1, -1, last - first, seq_kv)
-        pad = (0, n_kv * block_n - seq_kv, 0, -(-(last - first) // block_m) * block_m - (last - first))
-        tiles = (allowed.shape[0], allowed.shape[1], -1, block_m, n_kv, block_n)
-        anys.append(torch.nn.functional.pad(allowed, pad, value=False).view(tiles).any(5).any(3))
-        fulls.append(torch.nn.functional.pad(allowed, pad, value=True).view(tiles).all(5).all(3))
-    shape = torch.broadcast_shapes(*(a.shape[:2] for a in anys))
-    expand = lambda parts: torch.cat([p.expand(*shape, -1, -1) for p in parts], dim=2)  # noqa: E731
-    return expand(anys), expand(fulls)
+    rows_any, rows_all = [], []
+    for q_first in range(0, seq_q, q_tiles * block_m):
+        q_range = range(q_first, min(seq_q, q_first + q_tiles * block_m))
+        parts = [_evaluate_block(mask_mod, b, h, q_range, range(kv_first, min(seq_kv, kv_first + kv_tiles * block_n)),
+                                 block_m, block_n, device)
+                 for kv_first in range(0, seq_kv, kv_tiles * block_n)]
+        shape = torch.broadcast_shapes(*(p[0].shape[:2] for p in parts))
+        rows_any.append(torch.cat([p[0].expand(*shape, -1, -1) for p in parts], dim=3))
+        rows_all.append(torch.cat([p[1].expand(*shape, -1, -1) for p in parts], dim=3))
+    shape = torch.broadcast_shapes(*(r.shape[:2] for r in rows_any))
+    return (torch.cat([r.expand(*shape, -1, -1) for r in rows_any], dim=2),
+            torch.cat([r.expand(*shape, -1, -1) for r in rows_all], dim=2))
 
 
 def tile_classes(mask_mod: Callable | None, batch: int, heads: int, seq_q: int, seq_kv: int,
@@ -125,13 +140,13 @@ def _index_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num.contiguous(), order.contiguous()
 
 
-_cache: OrderedDict[tuple, BlockMask] = OrderedDict()
+_cache: OrderedDict[tuple, tuple[Callable | None, BlockMask]] = OrderedDict()
 
 
 def _cache_key(mask_mod, *shape) -> tuple | None:
     if mask_mod is None or isinstance(mask_mod, MaskMod):
         return (mask_mod, *shape)
-    return (id(mask_mod), *shape)  # opaque callables: the entry keeps the function alive (bounded LRU)
+    return (id(mask_mod), *shape)  # opaque callables: the entry holds the function, so its id stays unique
 
 
 def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q: int, seq_kv: int,
@@ -139,9 +154,9 @@ def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q
     """The block-sparse lists of ``mask_mod`` for this problem shape and tile size (cached)."""
     key = _cache_key(mask_mod, batch, heads, seq_q, seq_kv, block_m, block_n, str(device))
     hit = _cache.get(key)
-    if hit is not None:
+    if hit is not None and (hit[0] is mask_mod or isinstance(mask_mod, MaskMod)):
         _cache.move_to_end(key)
-        return hit
+        return hit[1]
     maybe_any, surely_full = tile_classes(mask_mod, batch, heads, seq_q, seq_kv, block_m, block_n, device)
     full = surely_full & maybe_any
     partial = maybe_any & ~full
@@ -154,8 +169,7 @@ def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q
         q_num, q_idx, full_q_num, full_q_idx,
         fraction_computed=float(maybe_any.float().mean()), fraction_partial=float(partial.float().mean()),
     )
-    _cache[key] = block_mask
+    _cache[key] = (mask_mod, block_mask)
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
-    _cache[key] = block_mask
     return block_mask
