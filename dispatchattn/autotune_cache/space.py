@@ -57,11 +57,12 @@ def estimate_resources(
 ) -> Resources:
     """Shared memory and registers one block of ``kernel`` needs with ``config`` (an upper-bound estimate).
 
-    Shared memory: forward keeps ``max(stages - 1, 1)`` K+V tiles (BLOCK_N rows of D + Dv) in flight.
-    Backward, the larger of its two launches: dK/dV streams ``stages`` Q+dO tiles (BLOCK_M rows) past one
-    K+V tile (BLOCK_N rows); dQ the other way round.  On ROCm the backward stages one operand pair at a
-    time through LDS (``stages`` x the larger tile's rows of D + Dv).  Registers: the fp32 accumulators and score tiles
-    plus the Q/K/V operand tiles passing through registers, over the block's threads, plus overhead.
+    Shared memory: forward keeps ``max(stages - 1, 1)`` K+V tiles (BLOCK_N rows of D + Dv) in flight, or
+    (one stage) the Q tile and a K tile.  Backward, the larger of its two launches: dK/dV streams
+    ``stages`` Q+dO tiles (BLOCK_M rows) past one K+V tile (BLOCK_N rows); dQ the other way round.  On
+    ROCm operands pass through LDS one at a time (the larger of the Q tile and ``stages`` K+V tiles
+    forward; ``stages`` x the larger tile's rows of D + Dv backward).  Registers: the fp32 accumulators
+    and score tiles plus the Q/K/V operand tiles passing through registers, over the block's threads.
 
     Checked against our kernels compiled ahead of time with Triton 3.9 (bf16, D=128 unless noted; measured
     shared bytes / estimate): fwd 128x64 st3 sm_90 66,568 / 67,584; fwd 64x32 D=256 st3 sm_90 66,568 /
@@ -78,7 +79,10 @@ def estimate_resources(
     stages = max(config.num_stages, 1)
     m, n = config.block_m, config.block_n
     if kernel == "fwd":
-        shared = max(stages - 1, 1) * n * row_bytes
+        q_tile = m * d * element
+        shared = max(max(stages - 1, 1) * n * row_bytes, q_tile + n * d * element)  # K+V in flight, or Q+K
+        if vendor == "rocm":
+            shared = max(stages * n * row_bytes, q_tile)
         accumulators = m * dv + m * n  # output accumulator + score tile
         operands = m * d + n * (d + dv)  # Q, K, V tiles
     else:
