@@ -18,6 +18,9 @@ from .base import AttentionCall, Backend, Reason
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 _BLOCK_MASK_CACHE_SIZE = 64
 MIN_HEAD_DIM = 16  # FlexAttention rejects head dims below 16 (torch/_inductor/kernel/flex)
+# torch 2.13's compiled CPU kernel returned wrong values, run to run, for short sequences (S=24 and 56 at
+# head dim 16, seen here; 64 and above were right in every run), so CPU calls below this are refused.
+CPU_MIN_SEQ = 64
 
 
 # Each new shape or mod recompiles flex_attention; past dynamo's default limit (8) it would silently run
@@ -37,6 +40,12 @@ def _compiled_flex_attention():
 
 def _mask_batch_heads(mask, spec) -> tuple[int | None, int | None]:
     """B and H the block mask must be built for (None = broadcast: the mask ignores that index)."""
+    if isinstance(mask, _Both):
+        (b1, h1), (b2, h2) = _mask_batch_heads(mask.first, spec), _mask_batch_heads(mask.second, spec)
+        return b1 or b2, h1 or h2
+    if isinstance(mask, _DenseMask):
+        b, h = mask.mask4.shape[:2]
+        return (spec.batch if b > 1 else None), (spec.heads_q if h > 1 else None)
     if not isinstance(mask, MaskMod):
         return spec.batch, spec.heads_q
     leaves = mask.parts() if hasattr(mask, "parts") else [mask]
@@ -45,6 +54,7 @@ def _mask_batch_heads(mask, spec) -> tuple[int | None, int | None]:
 
 
 def _block_mask(mask_mod, spec, device):
+    """The BlockMask for this mask and shape, built once and cached."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, heads = _mask_batch_heads(mask_mod, spec)
@@ -60,32 +70,61 @@ def _block_mask(mask_mod, spec, device):
     return block_mask
 
 
-def _dense_mask_mods(attn_mask: torch.Tensor):
-    """A dense SDPA-style mask as mods that index it (broadcast dims are read at index 0)."""
-    mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    b_bcast, h_bcast, q_bcast, k_bcast = (s == 1 for s in mask4.shape)
+class _DenseMask:
+    """A dense SDPA-style mask as a mod that indexes it (broadcast dims are read at index 0)."""
 
-    def at(b, h, q_idx, kv_idx):
-        return mask4[
-            b * 0 if b_bcast else b, h * 0 if h_bcast else h, q_idx * 0 if q_bcast else q_idx,
-            kv_idx * 0 if k_bcast else kv_idx,
-        ]
+    def __init__(self, attn_mask: torch.Tensor):
+        self.attn_mask = attn_mask
+        self.mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
-    if attn_mask.dtype == torch.bool:
-        return (lambda b, h, q_idx, kv_idx: at(b, h, q_idx, kv_idx)), None
-    return None, (lambda score, b, h, q_idx, kv_idx: score + at(b, h, q_idx, kv_idx).to(score.dtype))
+    def _at(self, b, h, q_idx, kv_idx):
+        idx = [i if size > 1 else i * 0 for i, size in zip((b, h, q_idx, kv_idx), self.mask4.shape)]
+        return self.mask4[idx[0], idx[1], idx[2], idx[3]]
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.attn_mask is other.attn_mask
+
+    def __hash__(self):
+        return id(self.attn_mask)
 
 
-def _and(first, second):
+class _DenseBoolMask(_DenseMask):
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self._at(b, h, q_idx, kv_idx)
+
+
+class _DenseBias(_DenseMask):
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return score + self._at(b, h, q_idx, kv_idx).to(score.dtype)
+
+
+class _Both:
+    """Two mods applied together (hashable by its parts, so caches keyed on it stay warm)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __eq__(self, other):
+        return type(self) is type(other) and (self.first, self.second) == (other.first, other.second)
+
+    def __hash__(self):
+        return hash((type(self), self.first, self.second))
+
+
+class _BothMasks(_Both):
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.first(b, h, q_idx, kv_idx) & self.second(b, h, q_idx, kv_idx)
+
+
+class _BothScores(_Both):
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.second(self.first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+
+def _combine(first, second, is_score: bool = False):
     if first is None or second is None:
-        return first or second
-    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
-
-
-def _then(first, second):
-    if first is None or second is None:
-        return first or second
-    return lambda score, b, h, q_idx, kv_idx: second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+        return first if second is None else second
+    return (_BothScores if is_score else _BothMasks)(first, second)
 
 
 class TorchFlexBackend(Backend):
@@ -108,6 +147,11 @@ class TorchFlexBackend(Backend):
                 "lse_unsupported", f"return_lse=True but compiled torch {caps.libraries.torch} flex_attention "
                 "cannot return the lse on CPU",
             ))
+        if caps.vendor == "cpu" and min(spec.seq_q, spec.seq_kv) < CPU_MIN_SEQ:
+            reasons.append(Reason(
+                "seq_too_short", f"sequence length {min(spec.seq_q, spec.seq_kv)} is below {CPU_MIN_SEQ}: torch "
+                f"{caps.libraries.torch}'s compiled CPU flex_attention gave wrong results on such short sequences",
+            ))
         if min(spec.head_dim, spec.head_dim_v) < MIN_HEAD_DIM:
             reasons.append(Reason(
                 "head_dim_too_small",
@@ -127,15 +171,15 @@ class TorchFlexBackend(Backend):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         mask_mod, score_mod = call.mask_mod, call.score_mod
         if call.is_causal:
-            mask_mod = _and(mask_mod, Causal())
+            mask_mod = _combine(mask_mod, Causal())
         if call.attn_mask is not None:
-            dense_mask, dense_score = _dense_mask_mods(call.attn_mask)
-            mask_mod, score_mod = _and(mask_mod, dense_mask), _then(score_mod, dense_score)
+            if call.attn_mask.dtype == torch.bool:
+                mask_mod = _combine(mask_mod, _DenseBoolMask(call.attn_mask))
+            else:
+                score_mod = _combine(score_mod, _DenseBias(call.attn_mask), is_score=True)
         block_mask = _block_mask(mask_mod, spec, q.device) if mask_mod is not None else None
         run = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
-        result = run(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=call.scale,
-            enable_gqa=spec.heads_q != spec.heads_kv, return_lse=call.return_lse,
-        )
+        result = run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=call.scale,
+                     enable_gqa=spec.heads_q != spec.heads_kv, return_lse=call.return_lse)
         out, lse = result if call.return_lse else (result, None)
         return call.from_bhsd(out), lse
