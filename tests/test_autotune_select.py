@@ -85,7 +85,7 @@ def test_gpu_without_tuned_entry_uses_shipped_default_and_says_not_measured():
         for kernel in ("fwd", "bwd"):
             config, source = select_config(kernel, spec(), caps)
             assert source.startswith(f"shipped default (not measured) for {caps.arch}")
-            assert config == heuristic_config(kernel, caps.arch, torch.float16, 128)
+            assert config == shipped.lookup(kernel, caps.arch, "float16", 128, 128)[0]
 
 
 def test_arch_without_shipped_defaults_uses_heuristic_with_reason():
