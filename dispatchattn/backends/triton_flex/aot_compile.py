@@ -162,7 +162,7 @@ def _error_line(exc: BaseException) -> str:
 def compile_one(job: dict) -> dict:
     """Compile ``job`` (kernel reference, signature, constexprs, target, options); return its resources.
 
-    Never raises: a failed compile returns ``{"error": "..."}`` with the compiler's last message.
+    Never raises: a failed compile returns ``{"error": "..."}`` naming the root cause (see ``_error_line``).
     """
     import triton
     from triton.backends.compiler import GPUTarget
