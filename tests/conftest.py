@@ -4,3 +4,6 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The strict GPU tier (markers gpu / cuda / rocm; DISPATCHATTN_REQUIRE_GPU=1 turns their skips into failures).
+pytest_plugins = ["gpu_tier"]
