@@ -9,8 +9,15 @@ import sys
 
 import torch
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+}
 
 # Subcommands implemented next to the code they drive: name -> (module, add-parser fn, run fn).
 _EXTERNAL = {
@@ -60,7 +67,11 @@ def _build_call(args, device: torch.device):
         shape = (args.batch, heads, seq, dim) if args.layout == "bhsd" else (args.batch, seq, heads, dim)
         return torch.randn(shape, device=device, dtype=dtype, requires_grad=args.grad)
 
-    q, k, v = make(args.heads, args.seq, args.head_dim), make(heads_kv, seq_kv, args.head_dim), make(heads_kv, seq_kv, dv)
+    q, k, v = (
+        make(args.heads, args.seq, args.head_dim),
+        make(heads_kv, seq_kv, args.head_dim),
+        make(heads_kv, seq_kv, dv),
+    )
     masks = []
     if args.causal_bottom_right:
         masks.append(da.masks.causal(bottom_right=True))
@@ -82,9 +93,16 @@ def _build_call(args, device: torch.device):
     elif args.alibi:
         slopes = 2.0 ** (-8.0 * torch.arange(1, args.heads + 1, device=device) / args.heads)
         score_mod = da.scores.alibi(slopes)
-    kwargs = dict(is_causal=args.causal, dropout_p=args.dropout, enable_gqa=heads_kv != args.heads,
-                  mask_mod=mask_mod, score_mod=score_mod, layout=args.layout, return_lse=args.lse,
-                  backend=args.backend)
+    kwargs = dict(
+        is_causal=args.causal,
+        dropout_p=args.dropout,
+        enable_gqa=heads_kv != args.heads,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        layout=args.layout,
+        return_lse=args.lse,
+        backend=args.backend,
+    )
     return (q, k, v), kwargs
 
 
@@ -99,8 +117,10 @@ def cmd_info(args) -> int:
     print(f"device: {caps.describe()}" + (f", {caps.total_memory / 2**30:.1f} GiB" if caps.total_memory else ""))
     if caps.arch_info:
         info = caps.arch_info
-        print(f"arch: {info.name} ({info.flagship}): {info.smem_per_block // 1024} KiB shared memory per block, "
-              f"warp {info.warp_size}, matrix instruction {info.matrix_instr}")
+        print(
+            f"arch: {info.name} ({info.flagship}): {info.smem_per_block // 1024} KiB shared memory per block, "
+            f"warp {info.warp_size}, matrix instruction {info.matrix_instr}"
+        )
     print(f"Triton interpreter (TRITON_INTERPRET=1): {'on' if caps.triton_interpret else 'off'}")
     print("libraries:")
     for name, version in caps.libraries.describe().items():
@@ -128,8 +148,10 @@ def cmd_explain(args) -> int:
         print(decision.to_json())
     else:
         print(decision)
-        print(f"ran {decision.backend}: output {tuple((out[0] if isinstance(out, tuple) else out).shape)}"
-              + (", backward done" if args.grad else ""))
+        print(
+            f"ran {decision.backend}: output {tuple((out[0] if isinstance(out, tuple) else out).shape)}"
+            + (", backward done" if args.grad else "")
+        )
     return 0
 
 
@@ -153,13 +175,15 @@ def cmd_bench(args) -> int:
     (q, k, v), kwargs = _build_call(args, device)
     decision = da.explain(q, k, v, **kwargs)
     ours = median_seconds(lambda: da.attention(q, k, v, **kwargs), repeats=args.repeats, device=device)
-    result = {"device": str(device), "backend": decision.backend, "spec": decision.spec_summary,
-              "dispatchattn_s": ours}
+    result = {"device": str(device), "backend": decision.backend, "spec": decision.spec_summary, "dispatchattn_s": ours}
     try:
         sdpa_kwargs = dict(is_causal=args.causal, enable_gqa=kwargs["enable_gqa"])
         qs, ks, vs = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
-        ref = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, **sdpa_kwargs),
-                             repeats=args.repeats, device=device)
+        ref = median_seconds(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, **sdpa_kwargs),
+            repeats=args.repeats,
+            device=device,
+        )
         result.update(sdpa_s=ref, ratio_vs_sdpa=ours / ref)
     except RuntimeError as exc:
         result["sdpa_error"] = str(exc)

@@ -125,7 +125,12 @@ def _check_tensors(query, key, value, layout: str) -> None:
     if not (query.dtype == key.dtype == value.dtype):
         _fail(TypeError, "key/value", f"the dtype of query ({query.dtype})", f"key {key.dtype}, value {value.dtype}")
     if not (query.device == key.device == value.device):
-        _fail(ValueError, "key/value", f"the device of query ({query.device})", f"key on {key.device}, value on {value.device}")
+        _fail(
+            ValueError,
+            "key/value",
+            f"the device of query ({query.device})",
+            f"key on {key.device}, value on {value.device}",
+        )
 
 
 def _dims(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -145,7 +150,9 @@ def _check_shapes(q, k, v, enable_gqa: bool) -> None:
     if hv != hk:
         _fail(ValueError, "value", f"{hk} heads like key", f"{hv} heads")
     if hq != hk and not enable_gqa:
-        _fail(ValueError, "key", f"{hq} heads like query (or enable_gqa=True for grouped-query attention)", f"{hk} heads")
+        _fail(
+            ValueError, "key", f"{hq} heads like query (or enable_gqa=True for grouped-query attention)", f"{hk} heads"
+        )
     if enable_gqa and hq % hk:
         _fail(ValueError, "enable_gqa", f"query heads ({hq}) divisible by key/value heads", f"{hk} key/value heads")
 
@@ -154,7 +161,12 @@ def _check_attn_mask(attn_mask, query: torch.Tensor, shape4: tuple[int, int, int
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
-        _fail(TypeError, "attn_mask", "a torch.Tensor (bool: True = attend, or additive float) or None", type(attn_mask).__name__)
+        _fail(
+            TypeError,
+            "attn_mask",
+            "a torch.Tensor (bool: True = attend, or additive float) or None",
+            type(attn_mask).__name__,
+        )
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         _fail(TypeError, "attn_mask", "dtype bool (True = attend) or a floating dtype (additive)", attn_mask.dtype)
     if attn_mask.device != query.device:
@@ -165,7 +177,12 @@ def _check_attn_mask(attn_mask, query: torch.Tensor, shape4: tuple[int, int, int
     except RuntimeError:
         ok = False
     if not ok:
-        _fail(ValueError, "attn_mask", f"a shape broadcastable to (B, Hq, Sq, Sk) = {shape4}", f"shape {tuple(attn_mask.shape)}")
+        _fail(
+            ValueError,
+            "attn_mask",
+            f"a shape broadcastable to (B, Hq, Sq, Sk) = {shape4}",
+            f"shape {tuple(attn_mask.shape)}",
+        )
     kind = "bool" if attn_mask.dtype == torch.bool else "float"
     return (kind, (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
@@ -196,7 +213,12 @@ def _check_structures(mask, score, b: int, hq: int, sq: int, sk: int, device: to
         if ids.shape[-1] != sk:
             _fail(ValueError, "document_ids", f"length Sk = {sk} (the key sequence length)", f"length {ids.shape[-1]}")
         if sq != sk:
-            _fail(ValueError, "document_ids", f"Sq == Sk for a document mask (queries index the same ids)", f"Sq={sq}, Sk={sk}")
+            _fail(
+                ValueError,
+                "document_ids",
+                "Sq == Sk for a document mask (queries index the same ids)",
+                f"Sq={sq}, Sk={sk}",
+            )
         if ids.dim() == 2 and ids.shape[0] not in (1, b):
             _fail(ValueError, "document_ids", f"shape (Sk,) or (B={b}, Sk)", f"shape {tuple(ids.shape)}")
         if ids.device != device:
@@ -209,7 +231,12 @@ def _check_structures(mask, score, b: int, hq: int, sq: int, sk: int, device: to
     if isinstance(score, RelativeBias):
         table = score.table
         if table.shape[0] != hq or table.shape[1] < sq + sk - 1:
-            _fail(ValueError, "relative_bias table", f"shape (Hq={hq}, W >= Sq + Sk - 1 = {sq + sk - 1})", f"shape {tuple(table.shape)}")
+            _fail(
+                ValueError,
+                "relative_bias table",
+                f"shape (Hq={hq}, W >= Sq + Sk - 1 = {sq + sk - 1})",
+                f"shape {tuple(table.shape)}",
+            )
         if table.device != device:
             _fail(ValueError, "relative_bias table", f"the device of query ({device})", table.device)
 
@@ -235,7 +262,12 @@ def _check_mod_output(name: str, mod: Callable, device: torch.device, dtype: tor
     if not good_dtype:
         _fail(TypeError, name, f"to return {expected}", f"dtype {result.dtype}")
     if result.dim() != 0:
-        _fail(ValueError, name, "to return one value per (b, h, q_idx, kv_idx), a 0-d tensor here", f"shape {tuple(result.shape)}")
+        _fail(
+            ValueError,
+            name,
+            "to return one value per (b, h, q_idx, kv_idx), a 0-d tensor here",
+            f"shape {tuple(result.shape)}",
+        )
 
 
 def _mods_need_grad(mods) -> bool:
@@ -258,8 +290,20 @@ def _mods_need_grad(mods) -> bool:
 
 
 def build_spec(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-    *, score_mod=None, mask_mod=None, layout="bhsd", return_lse=False, check_mods=True,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    score_mod=None,
+    mask_mod=None,
+    layout="bhsd",
+    return_lse=False,
+    check_mods=True,
 ) -> AttentionSpec:
     """Validate a call's arguments and normalise them.  Every user-facing argument error is raised here,
     naming the argument, what was expected and what was given."""
@@ -279,15 +323,36 @@ def build_spec(
             if mod is not None:
                 _check_mod_output(name, mod, query.device, query.dtype)
     elif (mask_mod is not None and not callable(mask_mod)) or (score_mod is not None and not callable(score_mod)):
-        _fail(TypeError, "mask_mod/score_mod", "callables or None", f"{type(mask_mod).__name__}/{type(score_mod).__name__}")
+        _fail(
+            TypeError,
+            "mask_mod/score_mod",
+            "callables or None",
+            f"{type(mask_mod).__name__}/{type(score_mod).__name__}",
+        )
     mask = mask_mod.bind(sq, sk) if isinstance(mask_mod, MaskMod) else mask_mod
     score = score_mod.bind(sq, sk) if isinstance(score_mod, ScoreMod) else score_mod
     _check_structures(mask, score, b, hq, sq, sk, query.device)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     mods_grad = torch.is_grad_enabled() and _mods_need_grad([m for m in (mask, score) if m is not None])
     return AttentionSpec(
-        batch=b, heads_q=hq, heads_kv=hk, seq_q=sq, seq_kv=sk, head_dim=d, head_dim_v=dv,
-        dtype=query.dtype, device_type=query.device.type, layout=layout, is_causal=is_causal,
-        attn_mask=mask_info, mask=mask, score=score, dropout_p=float(dropout_p), scale=scale,
-        enable_gqa=enable_gqa, requires_grad=grad or mods_grad, return_lse=return_lse, mods_need_grad=mods_grad,
+        batch=b,
+        heads_q=hq,
+        heads_kv=hk,
+        seq_q=sq,
+        seq_kv=sk,
+        head_dim=d,
+        head_dim_v=dv,
+        dtype=query.dtype,
+        device_type=query.device.type,
+        layout=layout,
+        is_causal=is_causal,
+        attn_mask=mask_info,
+        mask=mask,
+        score=score,
+        dropout_p=float(dropout_p),
+        scale=scale,
+        enable_gqa=enable_gqa,
+        requires_grad=grad or mods_grad,
+        return_lse=return_lse,
+        mods_need_grad=mods_grad,
     )

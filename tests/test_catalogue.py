@@ -7,12 +7,11 @@ import zlib
 
 import pytest
 import torch
+from cases import CASES
 
 import dispatchattn as da
 from dispatchattn.backends.reference import reference_attention
 from dispatchattn.selector import UnsupportedError
-
-from cases import CASES
 
 CPU_BACKENDS = ("sdpa", "torch_flex", "reference", "triton_flex")
 B, HQ, HKV, SQ, SK, D, DV = 2, 4, 2, 77, 77, 40, 24

@@ -26,8 +26,9 @@ def test_odd_sizes_forward_backward(backend, sq, sk, d):
     v = _rand(1, 2, sk, d, seed=seed + 2).requires_grad_()
     out = da.attention(q, k, v, enable_gqa=True, backend=backend, mask_mod=da.masks.causal(bottom_right=True))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference_attention(q64, k64, v64, mask_mod=da.masks.causal(bottom_right=True).bind(sq, sk),
-                                 compute_dtype=torch.float64)
+    ref, _ = reference_attention(
+        q64, k64, v64, mask_mod=da.masks.causal(bottom_right=True).bind(sq, sk), compute_dtype=torch.float64
+    )
     assert (out.double() - ref).abs().max() <= TOL["out"]
     g = _rand(*out.shape, seed=seed + 3)
     grads = torch.autograd.grad(out, (q, k, v), g)
@@ -41,7 +42,9 @@ def test_odd_sizes_forward_backward(backend, sq, sk, d):
 def test_bshd_layout_equals_bhsd(backend):
     q, k, v = (_rand(2, 67, 4, 32, seed=i) for i in range(3))  # (B, S, H, D)
     out = da.attention(q, k, v, layout="bshd", backend=backend, mask_mod=da.masks.sliding_window(5))
-    ref = da.attention(*(t.transpose(1, 2) for t in (q, k, v)), backend="reference", mask_mod=da.masks.sliding_window(5))
+    ref = da.attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), backend="reference", mask_mod=da.masks.sliding_window(5)
+    )
     assert out.shape == (2, 67, 4, 32)
     assert (out.transpose(1, 2) - ref).abs().max() <= TOL["out"]
 

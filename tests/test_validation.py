@@ -10,17 +10,20 @@ import dispatchattn as da
 
 def qkv(b=2, hq=4, hkv=4, sq=8, sk=8, d=16, dv=16, dtype=torch.float32, layout="bhsd"):
     g = torch.Generator().manual_seed(0)
+
     def make(h, s, dim):
         shape = (b, h, s, dim) if layout == "bhsd" else (b, s, h, dim)
         return torch.randn(shape, generator=g).to(dtype)
+
     return make(hq, sq, d), make(hkv, sk, d), make(hkv, sk, dv)
 
 
 def _call(**overrides):
     shape_keys = {"b", "hq", "hkv", "sq", "sk", "d", "dv", "dtype"}
     shape = {key: overrides.pop(key) for key in list(overrides) if key in shape_keys}
-    q, k, v = qkv(layout=overrides.get("layout", "bhsd") if overrides.get("layout") in ("bhsd", "bshd") else "bhsd",
-                  **shape)
+    q, k, v = qkv(
+        layout=overrides.get("layout", "bhsd") if overrides.get("layout") in ("bhsd", "bshd") else "bhsd", **shape
+    )
     q = overrides.pop("query", q)
     k = overrides.pop("key", k)
     v = overrides.pop("value", v)
@@ -38,7 +41,11 @@ BAD = {
     "query_rank": ({"query": torch.randn(2, 8, 16)}, ValueError, ["query", "4-D", "(2, 8, 16)"]),
     "value_rank": ({"value": torch.randn(2, 4, 8, 16, 1)}, ValueError, ["value", "4-D", "(2, 4, 8, 16, 1)"]),
     "int_dtype": ({"query": torch.ones(2, 4, 8, 16, dtype=torch.int64)}, TypeError, ["query", "floating", "int64"]),
-    "dtype_mismatch": ({"key": torch.randn(2, 4, 8, 16, dtype=torch.float64)}, TypeError, ["key", "float32", "float64"]),
+    "dtype_mismatch": (
+        {"key": torch.randn(2, 4, 8, 16, dtype=torch.float64)},
+        TypeError,
+        ["key", "float32", "float64"],
+    ),
     "device_mismatch": ({"value": torch.empty(2, 4, 8, 16, device="meta")}, ValueError, ["value", "device", "meta"]),
     "batch_mismatch": ({"key": torch.randn(3, 4, 8, 16)}, ValueError, ["batch", "2", "3"]),
     "head_dim_mismatch": ({"key": torch.randn(2, 4, 8, 32)}, ValueError, ["key", "head dim 16", "32"]),
@@ -52,7 +59,11 @@ BAD = {
     "scale_type": ({"scale": "big"}, TypeError, ["scale", "float", "'big'"]),
     "mask_not_tensor": ({"attn_mask": [[True]]}, TypeError, ["attn_mask", "torch.Tensor", "list"]),
     "mask_int_dtype": ({"attn_mask": torch.ones(8, 8, dtype=torch.int32)}, TypeError, ["attn_mask", "bool", "int32"]),
-    "mask_shape": ({"attn_mask": torch.ones(8, 7, dtype=torch.bool)}, ValueError, ["attn_mask", "broadcastable", "(8, 7)"]),
+    "mask_shape": (
+        {"attn_mask": torch.ones(8, 7, dtype=torch.bool)},
+        ValueError,
+        ["attn_mask", "broadcastable", "(8, 7)"],
+    ),
     "mask_device": (_mask_device_mismatch(), ValueError, ["attn_mask", "device", "meta"]),
     "layout": ({"layout": "sbhd"}, ValueError, ["layout", "bhsd", "'sbhd'"]),
     "unknown_backend": ({"backend": "flashy"}, ValueError, ["backend", "triton_flex", "'flashy'"]),
@@ -60,22 +71,39 @@ BAD = {
     "return_lse_type": ({"return_lse": "yes"}, TypeError, ["return_lse", "bool", "'yes'"]),
     "score_mod_not_callable": ({"score_mod": 3}, TypeError, ["score_mod", "callable", "int"]),
     "mask_mod_not_callable": ({"mask_mod": "causal"}, TypeError, ["mask_mod", "callable", "str"]),
-    "mask_mod_returns_float": ({"mask_mod": lambda b, h, q, kv: (q - kv).float()}, TypeError,
-                               ["mask_mod", "bool", "float32"]),
-    "score_mod_returns_bool": ({"score_mod": lambda s, b, h, q, kv: q >= kv}, TypeError,
-                               ["score_mod", "floating", "bool"]),
-    "score_mod_wrong_shape": ({"score_mod": lambda s, b, h, q, kv: s * torch.ones(3)}, ValueError,
-                              ["score_mod", "0-d", "(3,)"]),
+    "mask_mod_returns_float": (
+        {"mask_mod": lambda b, h, q, kv: (q - kv).float()},
+        TypeError,
+        ["mask_mod", "bool", "float32"],
+    ),
+    "score_mod_returns_bool": (
+        {"score_mod": lambda s, b, h, q, kv: q >= kv},
+        TypeError,
+        ["score_mod", "floating", "bool"],
+    ),
+    "score_mod_wrong_shape": (
+        {"score_mod": lambda s, b, h, q, kv: s * torch.ones(3)},
+        ValueError,
+        ["score_mod", "0-d", "(3,)"],
+    ),
     "mask_mod_raises": ({"mask_mod": lambda b, h, q: q > 0}, ValueError, ["mask_mod", "raised", "TypeError"]),
     "empty_tensor": ({"query": torch.randn(2, 4, 0, 16)}, ValueError, ["query", "non-empty", "(2, 4, 0, 16)"]),
-    "document_length": ({"mask_mod": da.masks.document(torch.zeros(7, dtype=torch.long))}, ValueError,
-                        ["document_ids", "Sk = 8", "7"]),
-    "document_batch": ({"mask_mod": da.masks.document(torch.zeros(3, 8, dtype=torch.long))}, ValueError,
-                       ["document_ids", "B=2", "(3, 8)"]),
-    "alibi_slopes_shape": ({"score_mod": da.scores.alibi(torch.ones(3))}, ValueError,
-                           ["alibi slopes", "(4,)", "(3,)"]),
-    "relative_table_width": ({"score_mod": da.scores.relative_bias(torch.ones(4, 5))}, ValueError,
-                             ["relative_bias table", "W >= Sq + Sk - 1 = 15", "(4, 5)"]),
+    "document_length": (
+        {"mask_mod": da.masks.document(torch.zeros(7, dtype=torch.long))},
+        ValueError,
+        ["document_ids", "Sk = 8", "7"],
+    ),
+    "document_batch": (
+        {"mask_mod": da.masks.document(torch.zeros(3, 8, dtype=torch.long))},
+        ValueError,
+        ["document_ids", "B=2", "(3, 8)"],
+    ),
+    "alibi_slopes_shape": ({"score_mod": da.scores.alibi(torch.ones(3))}, ValueError, ["alibi slopes", "(4,)", "(3,)"]),
+    "relative_table_width": (
+        {"score_mod": da.scores.relative_bias(torch.ones(4, 5))},
+        ValueError,
+        ["relative_bias table", "W >= Sq + Sk - 1 = 15", "(4, 5)"],
+    ),
     "bshd_rank_hint": ({"layout": "bshd", "query": torch.randn(2, 8, 16)}, ValueError, ["query", "(B, S, H, D)"]),
 }
 
@@ -83,15 +111,29 @@ CONSTRUCTORS = {
     "window_negative": (lambda: da.masks.sliding_window(-1), ValueError, ["sliding_window", "left", "-1"]),
     "window_right_type": (lambda: da.masks.sliding_window(4, 1.5), ValueError, ["right", "1.5"]),
     "prefix_negative": (lambda: da.masks.prefix_lm(-3), ValueError, ["prefix_len", "-3"]),
-    "document_float_ids": (lambda: da.masks.document(torch.zeros(8)), TypeError, ["document_ids", "integer", "float32"]),
-    "document_rank": (lambda: da.masks.document(torch.zeros(1, 2, 8, dtype=torch.long)), ValueError,
-                      ["document_ids", "(S,) or (B, S)", "(1, 2, 8)"]),
+    "document_float_ids": (
+        lambda: da.masks.document(torch.zeros(8)),
+        TypeError,
+        ["document_ids", "integer", "float32"],
+    ),
+    "document_rank": (
+        lambda: da.masks.document(torch.zeros(1, 2, 8, dtype=torch.long)),
+        ValueError,
+        ["document_ids", "(S,) or (B, S)", "(1, 2, 8)"],
+    ),
     "softcap_zero": (lambda: da.scores.softcap(0.0), ValueError, ["softcap", "> 0", "0.0"]),
     "softcap_negative": (lambda: da.scores.softcap(-5), ValueError, ["softcap", "> 0", "-5"]),
     "alibi_not_tensor": (lambda: da.scores.alibi([0.5, 0.25]), ValueError, ["alibi", "1-D", "list"]),
-    "relative_bias_rank": (lambda: da.scores.relative_bias(torch.ones(5)), ValueError, ["relative_bias", "2-D", "(5,)"]),
-    "combine_with_function": (lambda: da.masks.causal() & (lambda b, h, q, kv: q > kv), TypeError,
-                              ["mask combination", "da.masks", "function"]),
+    "relative_bias_rank": (
+        lambda: da.scores.relative_bias(torch.ones(5)),
+        ValueError,
+        ["relative_bias", "2-D", "(5,)"],
+    ),
+    "combine_with_function": (
+        lambda: da.masks.causal() & (lambda b, h, q, kv: q > kv),
+        TypeError,
+        ["mask combination", "da.masks", "function"],
+    ),
 }
 
 
