@@ -210,6 +210,9 @@ def _structure_reasons(spec: AttentionSpec, plan: MaskPlan) -> list[Reason]:
                               "(only softcap and alibi do)"))
     if spec.mods_need_grad:
         reasons.append(Reason("mod_grad", "a score_mod tensor requires grad; flash-attn returns no gradient for it"))
+    if plan.document is not None and torch.compiler.is_compiling():
+        reasons.append(Reason("document_while_compiling", "document masks need the run lengths of the ids "
+                              "(tensor values) for flash_attn_varlen_func, which would break the compiled graph"))
     if plan.document is not None and spec.seq_q != spec.seq_kv:
         reasons.append(Reason("document_lengths", f"document masks map to flash_attn_varlen_func only when "
                               f"seq_q == seq_kv, got {spec.seq_q} and {spec.seq_kv}"))
