@@ -31,7 +31,7 @@ WORDS = {"cuda": "an NVIDIA GPU (CUDA)", "rocm": "an AMD GPU (ROCm)"}
 
 
 def gpu_vendor() -> str | None:
-    """"cuda", "rocm" or None: the GPU this process can use (torch's view of it)."""
+    """Return "cuda", "rocm" or None: the GPU this process can use (torch's view of it)."""
     import torch
 
     if not torch.cuda.is_available():
