@@ -10,7 +10,8 @@ from . import capabilities, envs
 from . import explain as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
-from .selector import Decision, current_policy, select, select_cached
+from .compiled import traced_decide
+from .selector import Decision, current_policy, select_cached
 from .spec import AttentionSpec, build_spec
 
 # Warm-call memo: call signature (metadata only) -> (spec, decision).  Bounded; cleared when full.
@@ -32,12 +33,11 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 
 
 def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod, layout,
-            return_lse, backend, compiling: bool) -> tuple[AttentionSpec, Decision]:
+            return_lse, backend) -> tuple[AttentionSpec, Decision]:
     spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
-                      mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=not compiling)
+                      mask_mod=mask_mod, layout=layout, return_lse=return_lse)
     caps = capabilities.probe(query.device)
-    policy = current_policy(backend)
-    decision = select(spec, caps, policy) if compiling else select_cached(spec, caps, policy)
+    decision = select_cached(spec, caps, current_policy(backend))
     return spec, decision
 
 
@@ -68,36 +68,40 @@ def attention(
     >>> da.attention(q, k, v, mask_mod=da.masks.causal()).shape
     torch.Size([1, 2, 16, 32])
     """
-    compiling = torch.compiler.is_compiling()
-    if compiling:
-        spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                                 mask_mod, layout, return_lse, backend, True)
-        fresh = True
-    else:
-        try:
-            sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                             mask_mod, layout, return_lse, backend)
-            entry = _MEMO.get(sig)
-        except (AttributeError, TypeError, ValueError):  # not tensors / unhashable: validation will say why
-            sig, entry = None, None
-        fresh = entry is None
-        if fresh:
-            entry = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                            mask_mod, layout, return_lse, backend, False)
-            if len(_MEMO) >= _MEMO_LIMIT:
-                _MEMO.clear()
-            if sig is not None:
-                _MEMO[sig] = entry
-        spec, decision = entry
+    if torch.compiler.is_compiling():  # decided at trace time, explained there (see compiled.py)
+        spec, decision, runner = traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                               enable_gqa, score_mod, mask_mod, layout, return_lse, backend)
+        return _run(runner, spec, decision, query, key, value, attn_mask, scale, is_causal, enable_gqa, return_lse,
+                    layout)
+    try:
+        sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                         mask_mod, layout, return_lse, backend)
+        entry = _MEMO.get(sig)
+    except (AttributeError, TypeError, ValueError):  # not tensors / unhashable: validation will say why
+        sig, entry = None, None
+    fresh = entry is None
+    if fresh:
+        entry = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                        mask_mod, layout, return_lse, backend)
+        if len(_MEMO) >= _MEMO_LIMIT:
+            _MEMO.clear()
+        if sig is not None:
+            _MEMO[sig] = entry
+    spec, decision = entry
     level = envs.explain_level()
     if level and (fresh or level >= 2):
         _explain.report(str(decision), level)
+    return _run(get_backend(decision.backend), spec, decision, query, key, value, attn_mask, scale, is_causal,
+                enable_gqa, return_lse, layout)
+
+
+def _run(runner, spec, decision, query, key, value, attn_mask, scale, is_causal, enable_gqa, return_lse, layout):
     call = AttentionCall(
         query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=spec.mask, score_mod=spec.score,
         scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
         is_causal=is_causal, enable_gqa=enable_gqa, return_lse=return_lse, layout=layout,
     )
-    out, lse = get_backend(decision.backend).run(call, spec, decision.config)
+    out, lse = runner.run(call, spec, decision.config)
     return (out, lse) if return_lse else out
 
 
@@ -125,5 +129,5 @@ def explain(
     'sdpa'
     """
     spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                             mask_mod, layout, return_lse, backend, False)
+                             mask_mod, layout, return_lse, backend)
     return decision

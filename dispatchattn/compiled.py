@@ -1,0 +1,99 @@
+"""Deciding inside ``torch.compile``: the selection runs as plain Python at trace time, never traced.
+
+Dynamo would otherwise trace the whole selector (library probing, tile-config files, the Triton flex
+kernel's mod tracer): slow, fragile and a source of graph breaks.  Instead ``decide_static`` is marked
+``torch.compiler.assume_constant_result``: dynamo calls it once per trace with Python constants (shapes,
+dtypes, flags, the mod objects themselves) and bakes the returned ``(spec, decision)`` into the graph as
+a constant.  The guards that make this sound are dynamo's own: tensor shapes, dtypes and devices are
+guarded by the graph, mod objects by identity, ``os.environ`` reads and the ``use_backends`` stack by
+value (they are read in the traced caller, ``traced_decide``).
+
+Under ``dynamic=True`` the decision depends on the sizes (thresholds such as torch_flex's minimum CPU
+sequence length), so the sizes of the attention inputs are specialised: one graph per distinct shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import capabilities, envs
+from . import explain as _explain
+from .backends import Backend, get_backend
+from .selector import Decision, Policy, current_policy, select_cached
+from .spec import AttentionSpec, build_spec
+
+
+def _static_tensor(t):
+    """(shape as ints, dtype, device, requires_grad) of a tensor, read in traced code (sizes specialised)."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    # len(range(size)) makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
+    return (tuple(len(range(size)) for size in t.shape), t.dtype, t.device, t.requires_grad)
+
+
+def _stand_in(static):
+    """A tensor with the metadata of ``static`` and one element of storage (for validation and the spec)."""
+    if static is None or not isinstance(static, tuple):
+        return static
+    shape, dtype, device, requires_grad = static
+    one = torch.empty((1,) * len(shape), dtype=dtype, device=device, requires_grad=requires_grad)
+    return one.expand(shape)
+
+
+class _Decided:
+    """Every (spec, decision, backend) decided while tracing, one attribute each (``d0``, ``d1``...), never changed.
+
+    Attributes rather than a list or dict: dynamo guards one attribute by name, but a container by its length
+    or keys, which every later trace would change (a recompile of every other graph)."""
+
+    count = 0
+
+
+DECIDED = _Decided()
+
+
+@torch.compiler.assume_constant_result
+def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
+                  layout, return_lse, policy: Policy, grad_enabled: bool, explain_level: int,
+                  caps_override) -> str:
+    """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
+    ``DECIDED`` of ``(spec, decision, backend)``: dynamo cannot guard attributes of a constant result, so the
+    objects are read from this module-level list in traced code (guarded by identity, never changed)."""
+    tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
+    with torch.set_grad_enabled(grad_enabled):
+        spec = build_spec(*tensors[:3], tensors[3], dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
+                          mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
+    caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
+    decision = select_cached(spec, caps, policy)
+    if explain_level == 1:
+        _explain.report(str(decision), 1)
+    name = f"d{DECIDED.count}"
+    setattr(DECIDED, name, (spec, decision, get_backend(decision.backend)))
+    DECIDED.count += 1
+    return name
+
+
+def _realized(value):
+    """``value`` as a guarded Python constant: dynamo tracks arguments left at their defaults lazily, and under
+    ``dynamic=True`` floats symbolically; neither can be handed to ``decide_static``."""
+    if isinstance(value, float):
+        return float.fromhex(value.hex())  # specialises a symbolic float (float() would keep it symbolic)
+    if value:  # control flow on it realises a lazy tracker (with a constant-match guard)
+        pass
+    return value
+
+
+def traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
+                  layout, return_lse, backend) -> tuple[AttentionSpec, Decision, Backend]:
+    """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time."""
+    policy = current_policy(backend)
+    level = envs.explain_level()
+    override = capabilities._override[-1] if capabilities._override else None
+    static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
+    flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
+    name = decide_static(*static, *flags, score_mod, mask_mod, _realized(layout), _realized(return_lse), policy,
+                         torch.is_grad_enabled(), level, override)
+    spec, decision, runner = getattr(DECIDED, name)
+    if level >= 2:
+        _explain.emit(_explain.render(decision))
+    return spec, decision, runner
