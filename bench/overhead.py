@@ -56,16 +56,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--inner", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 = least noise)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = measure(rounds=args.rounds, inner=args.inner)
-    print(f"{'call':<28}{'median us':>12}")
-    print(f"{'da.attention (warm)':<28}{result['dispatchattn_us']:>12.2f}")
-    print(f"{'F.scaled_dot_product_attention':<28}{result['sdpa_us']:>12.2f}")
-    print(f"added {result['added_us']:.2f} us per call, ratio {result['ratio']:.3f} (target <= 1.05)")
+    # A tiny problem makes the kernel nearly free, so the difference is the dispatch cost itself.
+    tiny = measure(shape=(1, 1, 4, 8), rounds=args.rounds, inner=args.inner * 5)
+    print(f"{'shape':<18}{'da.attention us':>17}{'SDPA us':>10}{'added us':>10}{'ratio':>8}")
+    for r in (result, tiny):
+        print(f"{str(tuple(r['shape'])):<18}{r['dispatchattn_us']:>17.2f}{r['sdpa_us']:>10.2f}"
+              f"{r['added_us']:>10.2f}{r['ratio']:>8.3f}")
+    print(f"target at {tuple(result['shape'])}: ratio <= 1.05 (<= 3 us added)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump({"results": [result, tiny]}, f, indent=2)
 
 
 if __name__ == "__main__":

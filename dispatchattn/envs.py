@@ -33,12 +33,20 @@ def explain_level() -> int:
         return 1 if _truthy(raw) else 0
 
 
+def backend_raw() -> str:
+    """The raw ``DISPATCHATTN_BACKEND`` value ("" when unset)."""
+    return os.environ.get(BACKEND, "")
+
+
+def parse_backend_list(raw: str) -> tuple[str, ...] | None:
+    """"triton_flex, sdpa" -> ("triton_flex", "sdpa"); blank -> None."""
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
+    return names or None
+
+
 def backend_allowlist() -> tuple[str, ...] | None:
     """``DISPATCHATTN_BACKEND=triton_flex,sdpa`` -> ("triton_flex", "sdpa"); unset -> None."""
-    raw = os.environ.get(BACKEND, "").strip()
-    if not raw:
-        return None
-    return tuple(name.strip() for name in raw.split(",") if name.strip())
+    return parse_backend_list(backend_raw())
 
 
 def cache_dir() -> str | None:

@@ -60,17 +60,30 @@ def use_backends(*names: str) -> Iterator[None]:
 
 
 def current_policy(backend: str | None = None) -> Policy:
-    """``backend=`` wins over ``use_backends`` which wins over ``DISPATCHATTN_BACKEND``."""
+    """``backend=`` wins over ``use_backends`` which wins over ``DISPATCHATTN_BACKEND``.  Cheap when warm:
+    policies are built once per distinct setting."""
     if backend is not None:
-        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)} or None, got {backend!r}")
-        return Policy((backend,), "backend=")
+        return _forced_policy(backend)
     if _context_policies:
         return _context_policies[-1]
-    allowed = envs.backend_allowlist()
-    if allowed:
-        return Policy(allowed, "DISPATCHATTN_BACKEND")
-    return Policy()
+    raw = envs.backend_raw()
+    return _env_policy(raw) if raw else _DEFAULT_POLICY
+
+
+_DEFAULT_POLICY = Policy()
+
+
+@functools.lru_cache(maxsize=64)
+def _forced_policy(backend) -> Policy:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {list(BACKEND_NAMES)} or None, got {backend!r}")
+    return Policy((backend,), "backend=")
+
+
+@functools.lru_cache(maxsize=64)
+def _env_policy(raw: str) -> Policy:
+    allowed = envs.parse_backend_list(raw)
+    return Policy(allowed, "DISPATCHATTN_BACKEND") if allowed else _DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
