@@ -90,7 +90,10 @@ class SdpaBackend(Backend):
         return []
 
     def run(self, call: AttentionCall, spec, config=None):
-        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        if call.layout == "bhsd":
+            q, k, v = call.query, call.key, call.value
+        else:
+            q, k, v = call.query.transpose(1, 2), call.key.transpose(1, 2), call.value.transpose(1, 2)
         is_causal = call.is_causal
         attn_mask = call.attn_mask
         if _needs_dense(spec) or (is_causal and attn_mask is not None):
@@ -98,10 +101,17 @@ class SdpaBackend(Backend):
             is_causal = False
         elif isinstance(call.mask_mod, Causal):
             is_causal = True
-        kwargs = {"enable_gqa": True} if spec.heads_q != spec.heads_kv else {}
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p, is_causal=is_causal, scale=call.scale, **kwargs
-        )
+        # Only what differs from SDPA's defaults is passed: each keyword costs time on the warm path.
+        kwargs = {}
+        if spec.heads_q != spec.heads_kv:
+            kwargs["enable_gqa"] = True
+        if spec.scale is not None:
+            kwargs["scale"] = spec.scale
+        if call.dropout_p:
+            kwargs["dropout_p"] = call.dropout_p
+        if attn_mask is not None:
+            kwargs["attn_mask"] = attn_mask
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **kwargs)
         if attn_mask is not None:
             out = _zero_empty_rows(out, attn_mask)
         return call.from_bhsd(out), None
