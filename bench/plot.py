@@ -71,20 +71,22 @@ def plot_flex(record: dict, stem: str, out: Path) -> list[Path]:
     return written
 
 
-def plot_overhead(record: dict, stem: str, out: Path) -> list[Path]:
+def plot_overhead(document: dict, stem: str, out: Path) -> list[Path]:
+    """Microseconds per warm call, da.attention vs direct SDPA: one panel per measured shape."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 2.6))
-    labels = ["F.scaled_dot_product_attention", "da.attention (warm)"]
-    values = [record["sdpa_us"], record["dispatchattn_us"]]
-    ax.barh(labels, values)
-    for y, value in enumerate(values):
-        ax.text(value, y, f" {value:.1f} us", va="center")
-    ax.set_xlabel("microseconds per call (median)")
-    ax.set_xlim(0, max(values) * 1.3)
-    ax.set_title(
-        f"{record.get('device')} · shape {record.get('shape')} · torch {record.get('torch')} · {record.get('date')}",
-        fontsize="small",
-    )
+    records = document.get("results", [document])  # {"results": [...]} or one record
+    fig, axes = plt.subplots(len(records), 1, figsize=(6, 0.4 + 1.4 * len(records)), squeeze=False)
+    for ax, record in zip(axes[:, 0], records):
+        values = [record["sdpa_us"], record["dispatchattn_us"]]
+        ax.barh(["F.scaled_dot_product_attention", "da.attention"], values, color=["tab:gray", "tab:blue"])
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.1f} us", va="center")
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(values) * 1.35)
+        ax.set_title(f"shape {tuple(record.get('shape', ()))}", fontsize="small")
+    axes[-1, 0].set_xlabel("microseconds per warm call (median)")
+    first = records[0]
+    fig.suptitle(f"{first.get('device')} · torch {first.get('torch')} · {first.get('date')}", fontsize="small")
     fig.tight_layout()
     path = out / f"{stem}.png"
     fig.savefig(path, dpi=110)
