@@ -18,9 +18,11 @@ import torch
 
 from . import capabilities, envs
 from . import explain as _explain
-from .backends import Backend, get_backend
-from .selector import Decision, Policy, current_policy, select_cached
-from .spec import AttentionSpec, build_spec
+from .backends import get_backend
+from .masks import MaskMod
+from .scores import ScoreMod
+from .selector import Policy, current_policy, select_cached
+from .spec import build_spec
 
 
 def _static_tensor(t):
@@ -40,6 +42,40 @@ def _stand_in(static):
     return one.expand(shape)
 
 
+def _static_mod(mod):
+    """A ``da.masks`` / ``da.scores`` object as constants (its class and attributes, tensors as metadata), read
+    in traced code: an object made inside the compiled region has no real counterpart at trace time."""
+    if isinstance(mod, (MaskMod, ScoreMod)):
+        return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
+    if isinstance(mod, torch.Tensor):
+        return ("tensor", _static_tensor(mod))
+    if mod is None or not callable(mod):
+        return mod  # validation at trace time says what is wrong with it
+    return ("opaque",)  # a function may close over traced values: only "some user function" is constant
+
+
+def _opaque_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx  # stands in for a user's mask_mod in the spec of a traced call: never run
+
+
+def _opaque_score(score, b, h, q_idx, kv_idx):
+    return score * (q_idx - kv_idx)  # stands in for a user's score_mod in the spec of a traced call: never run
+
+
+def _rebuild_mod(static, opaque=None):
+    """The structural twin of a ``_static_mod`` description: same class and parameters, stand-in tensors."""
+    if not isinstance(static, tuple) or not static or static[0] not in ("mod", "tensor", "opaque"):
+        return static
+    if static[0] == "opaque":
+        return opaque
+    if static[0] == "tensor":
+        return _stand_in(static[1])
+    _, cls, attributes = static
+    twin = cls.__new__(cls)
+    twin.__dict__.update({name: _rebuild_mod(value) for name, value in attributes})
+    return twin
+
+
 class _Decided:
     """Every (spec, decision, backend) decided while tracing, one attribute each (``d0``, ``d1``...), never changed.
 
@@ -54,19 +90,20 @@ DECIDED = _Decided()
 
 @torch.compiler.assume_constant_result
 def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, policy: Policy, grad_enabled: bool, explain_level: int,
+                  layout, return_lse, policy: tuple, grad_enabled: bool, explain_level: int,
                   caps_override) -> str:
     """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
     ``DECIDED`` of ``(spec, decision, backend)``: dynamo cannot guard attributes of a constant result, so the
     objects are read from this module-level list in traced code (guarded by identity, never changed)."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
+    score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
     with torch.set_grad_enabled(grad_enabled):
         spec = build_spec(*tensors[:3], tensors[3], dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                           mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
-    decision = select_cached(spec, caps, policy)
-    if explain_level == 1:
-        _explain.report(str(decision), 1)
+    decision = select_cached(spec, caps, Policy(*policy))
+    if explain_level:  # reported when traced: once per graph, whatever the level
+        _explain.report(str(decision), explain_level)
     name = f"d{DECIDED.count}"
     setattr(DECIDED, name, (spec, decision, get_backend(decision.backend)))
     DECIDED.count += 1
@@ -84,16 +121,20 @@ def _realized(value):
 
 
 def traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, backend) -> tuple[AttentionSpec, Decision, Backend]:
-    """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time."""
+                  layout, return_lse, backend) -> tuple:
+    """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time.
+    Returns ``(spec, decision, backend, score_mod, mask_mod)``, the mods bound to the sequence lengths."""
     policy = current_policy(backend)
     level = envs.explain_level()
     override = capabilities._override[-1] if capabilities._override else None
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
-    name = decide_static(*static, *flags, score_mod, mask_mod, _realized(layout), _realized(return_lse), policy,
+    mods = _static_mod(score_mod), _static_mod(mask_mod)
+    policy = (policy.allowed, policy.source)  # as constants: a Policy made in traced code is not a real object
+    name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
                          torch.is_grad_enabled(), level, override)
     spec, decision, runner = getattr(DECIDED, name)
-    if level >= 2:
-        _explain.emit(_explain.render(decision))
-    return spec, decision, runner
+    # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
+    mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod
+    score = score_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(score_mod, ScoreMod) else score_mod
+    return spec, decision, runner, score, mask

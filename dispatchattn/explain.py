@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
-
 logger = logging.getLogger("dispatchattn")
 _seen: set[str] = set()
 
@@ -32,12 +30,6 @@ def emit(message: str) -> None:
     """Log one explanation on the ``dispatchattn`` logger."""
     _ensure_visible()
     logger.info(message)
-
-
-@torch.compiler.assume_constant_result
-def render(decision) -> str:
-    """``str(decision)``, computed once at trace time when called inside a compiled region (a constant)."""
-    return str(decision)
 
 
 def report(text: str, level: int) -> None:
