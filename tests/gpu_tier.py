@@ -60,22 +60,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Before `-m` deselects: a `cuda` or `rocm` test belongs to the `gpu` tier too.
+    # Before `-m` deselects: a `cuda` or `rocm` test belongs to the `gpu` tier too. A test whose hardware
+    # is missing gets a skip marker, so the skip is reported at the test, with the reason.
+    vendor = gpu_vendor()
+    strict = envs.require_gpu() and vendor is None  # those fail in pytest_runtest_setup instead
     for item in items:
-        if item.get_closest_marker("gpu") is None and _tier_marks(item):
+        marks = _tier_marks(item)
+        if marks and item.get_closest_marker("gpu") is None:
             item.add_marker(pytest.mark.gpu)
+        reason = why_missing(marks, vendor) if marks else None
+        if reason is not None and not strict:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     marks = _tier_marks(item)
-    if not marks:
-        return
-    reason = why_missing(marks, gpu_vendor())
-    if reason is None:
-        return
-    if envs.require_gpu() and gpu_vendor() is None:
+    if marks and envs.require_gpu() and gpu_vendor() is None:
+        reason = why_missing(marks, None)
         pytest.fail(f"DISPATCHATTN_REQUIRE_GPU=1 but the GPU tier cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -108,7 +110,7 @@ def pytest_make_collect_report(collector: pytest.Collector):
     # A module under a `gpu` folder that skips itself whole (`pytest.importorskip` at import).
     outcome = yield
     report: pytest.CollectReport = outcome.get_result()
-    in_gpu_folder = isinstance(collector, pytest.Module) and "gpu" in collector.path.parent.parts
+    in_gpu_folder = isinstance(collector, pytest.Module) and collector.path.parent.name == "gpu"
     if report.skipped and in_gpu_folder and envs.require_gpu():
         report.outcome = "failed"
         report.longrepr = f"DISPATCHATTN_REQUIRE_GPU=1: a GPU-tier module may not skip: {_skip_reason(report)}"
