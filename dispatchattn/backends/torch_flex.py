@@ -58,6 +58,8 @@ def _block_mask(mask_mod, spec, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, heads = _mask_batch_heads(mask_mod, spec)
+    if torch.compiler.is_compiling():  # traced: the graph holds the block mask; a cache filled here would
+        return create_block_mask(mask_mod, batch, heads, spec.seq_q, spec.seq_kv, device=device)  # recompile
     key = (mask_mod, batch, heads, spec.seq_q, spec.seq_kv, str(device))
     cached = _BLOCK_MASKS.get(key)
     if cached is not None:

@@ -1,0 +1,183 @@
+"""``torch.compile(fullgraph=True)`` around ``da.attention``: no graph break, no recompile on a repeated shape,
+results equal eager, forward and backward, static and ``dynamic=True``, on every backend that runs on CPU.
+
+Graph breaks are counted with dynamo's counters; ``fullgraph=True`` would raise on one anyway.  Eager results
+are the oracle: the compiled graph runs the same backend on the same inputs, so the tolerance is fp32 rounding
+of a different kernel schedule (measured <= 2e-7 here; 1e-5 allowed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dispatchattn as da
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(shape=(2, 4, 40, 16), kv_heads=None, grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, s, d = shape
+    q = torch.randn(b, h, s, d, generator=gen)
+    k = torch.randn(b, kv_heads or h, s, d, generator=gen)
+    v = torch.randn(b, kv_heads or h, s, d, generator=gen)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+def _check(fn, inputs, grad: bool, dynamic: bool = False):
+    """Compile ``fn``, compare with eager (forward, and grads when ``grad``), then call again: no recompile."""
+    eager_inputs = [t.detach().clone().requires_grad_(grad) for t in inputs]
+    expected = fn(*eager_inputs)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    out = compiled(*inputs)
+    torch.testing.assert_close(out, expected, **TOL)
+    if grad:
+        gen = torch.Generator().manual_seed(1)
+        dout = torch.randn(out.shape, generator=gen)
+        out.backward(dout)
+        expected.backward(dout)
+        for got, want in zip(inputs, eager_inputs):
+            torch.testing.assert_close(got.grad, want.grad, **TOL)
+    assert _graph_breaks() == 0, dict(counters["graph_break"])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = compiled(*[t.detach().clone().requires_grad_(grad) for t in inputs])
+    torch.testing.assert_close(again, expected, **TOL)
+
+
+STRUCTURED = {
+    "none": {},
+    "is_causal": {"is_causal": True},
+    "causal": {"mask_mod": da.masks.causal()},
+    "window_and_causal": {"mask_mod": da.masks.sliding_window(7) & da.masks.causal()},
+    "bottom_right": {"mask_mod": da.masks.causal(bottom_right=True)},
+    "alibi": {"score_mod": da.scores.alibi(torch.linspace(0.1, 0.8, 4))},
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("case", sorted(STRUCTURED))
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_structured_mods_compile_without_breaks(backend, case, grad):
+    kwargs = STRUCTURED[case]
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, backend=backend, **kwargs)
+
+    _check(fn, _inputs(grad=grad), grad)
+
+
+def test_softcap_and_gqa_on_reference():
+    def fn(q, k, v):
+        return da.attention(q, k, v, enable_gqa=True, score_mod=da.scores.softcap(5.0), is_causal=True,
+                            backend="reference")
+
+    _check(fn, _inputs(kv_heads=2, grad=True), grad=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_lambda_mods_compile(backend):
+    bias = torch.randn(40, 40, generator=torch.Generator().manual_seed(3))
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=lambda b, h, qi, ki: (qi - ki).abs() <= 9,
+                            score_mod=(lambda s, b, h, qi, ki: s + bias[qi, ki]) if backend == "reference" else None,
+                            backend=backend)
+
+    _check(fn, _inputs(grad=True), grad=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_dynamic_shapes(backend):
+    def fn(q, k, v):
+        return da.attention(q, k, v, is_causal=True, scale=0.3, backend=backend)
+
+    _check(fn, _inputs(grad=True), grad=True, dynamic=True)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for seq in (33, 57):  # new lengths: a new graph each (sizes are specialised), never a break
+        q, k, v = _inputs((1, 4, seq, 16), seed=seq)
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), **TOL)
+    assert _graph_breaks() == 0
+
+
+def test_automatic_choice_and_alternating_shapes_do_not_recompile():
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=da.masks.causal())
+
+    compiled = torch.compile(fn, fullgraph=True)
+    short, long = _inputs((1, 2, 24, 16)), _inputs((1, 2, 48, 16), seed=1)
+    compiled(*short), compiled(*long)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for inputs in (short, long, short, long):
+            torch.testing.assert_close(compiled(*inputs), fn(*inputs), **TOL)
+    assert _graph_breaks() == 0
+
+
+def test_use_backends_inside_compiled_region_is_honoured():
+    def fn(q, k, v):
+        with da.use_backends("reference"):
+            return da.attention(q, k, v, is_causal=True)
+
+    q, k, v = _inputs()
+    _check(fn, [q, k, v], grad=False)
+    decided = da.compiled.DECIDED
+    last = getattr(decided, f"d{decided.count - 1}")[1]
+    assert last.backend == "reference" and last.decided_by == "user"
+
+
+def test_forced_backend_that_cannot_run_raises_while_compiling():
+    def fn(q, k, v):
+        return da.attention(q, k, v, score_mod=da.scores.softcap(5.0), backend="sdpa")
+
+    with pytest.raises(Exception, match="softcap"):
+        torch.compile(fn, fullgraph=True)(*_inputs())
+
+
+@pytest.mark.parametrize("level", ["1", "2"])
+def test_explain_inside_compiled_region(monkeypatch, caplog, level):
+    monkeypatch.setenv("DISPATCHATTN_EXPLAIN", level)
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, is_causal=True, backend="reference") + 0.0
+
+    inputs = _inputs((1, 2, 20 + int(level), 16))  # a shape of its own: level 1 logs each decision once
+    with caplog.at_level(logging.INFO, logger="dispatchattn"):
+        compiled = torch.compile(fn, fullgraph=True)
+        compiled(*inputs)
+        compiled(*inputs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dispatchattn: reference")]
+    assert _graph_breaks() == 0
+    assert len(lines) == 1, lines  # reported when the graph is traced, not again when it runs
+    assert "Selected backend: reference" in lines[0]
+
+
+def test_torch_flex_compiles_forward():
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=da.masks.sliding_window(16) & da.masks.causal(),
+                            score_mod=da.scores.softcap(4.0), backend="torch_flex")
+
+    with torch.no_grad():
+        _check(fn, _inputs((1, 2, 64, 16)), grad=False)
+
+
+def test_torch_flex_lambda_mask_compiles():
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=lambda b, h, qi, ki: (qi // 16) >= (ki // 16), backend="torch_flex")
+
+    with torch.no_grad():
+        _check(fn, _inputs((1, 2, 64, 16)), grad=False)
