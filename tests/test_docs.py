@@ -92,6 +92,34 @@ def test_inventory():
     )
 
 
+GUIDE_SECTIONS = [
+    "Causal (top-left)",
+    "Bottom-right causal",
+    "Sliding window",
+    "Prefix LM",
+    "Document packing",
+    "Softcap",
+    "ALiBi",
+    "Relative position bias",
+    "Your own score_mod",
+    "Your own mask_mod",
+    "Dense masks",
+    "Grouped-query attention",
+    "`bshd` layout",
+    "Log-sum-exp",
+    "Choosing the backend yourself",
+]
+
+
+def test_guide_covers_every_variant_with_an_example():
+    text = (ROOT / "docs" / "guide.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
+    for title in GUIDE_SECTIONS:
+        section = next((s for s in sections if s.startswith(title)), None)
+        assert section is not None, f"docs/guide.md has no section '## {title}'"
+        assert "```python" in section, f"docs/guide.md section '{title}' has no example"
+
+
 def test_gpu_only_marker_precedes_a_python_block():
     for path in doc_files():
         lines = path.read_text().splitlines()
