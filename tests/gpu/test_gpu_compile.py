@@ -1,0 +1,68 @@
+"""GPU tier: ``torch.compile(fullgraph=True)`` around ``da.attention`` with the GPU backends, and the transformers
+adapter on a GPU.  Skipped without a GPU (tests/conftest.py turns the skips into failures when
+DISPATCHATTN_REQUIRE_GPU=1); a backend whose library is missing is skipped with that reason.
+
+Oracle: the same call in eager mode (same backend, same inputs); fp16 tolerance 2e-3 (different fusion of the
+surrounding graph only, the attention kernel is the same).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dispatchattn as da
+
+pytestmark = pytest.mark.gpu
+
+HAS_GPU = torch.cuda.is_available()
+TOL = dict(atol=2e-3, rtol=2e-3)
+
+
+def _usable(name: str, q, k, v, **kwargs) -> None:
+    decision = da.explain(q, k, v, **kwargs)
+    reasons = decision.reasons.get(name) or []
+    if any(r.code != "lower_priority" for r in reasons):
+        pytest.skip(f"{name} cannot run here: {'; '.join(reasons)}")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA or ROCm GPU")
+@pytest.mark.parametrize("backend", ["flash", "xformers", "sdpa", "torch_flex"])
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_compiled_gpu_backend_has_no_graph_break(backend, mask):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+    mod = da.masks.causal() if mask == "causal" else da.masks.sliding_window(64) & da.masks.causal()
+    _usable(backend, q, k, v, mask_mod=mod)
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=mod, backend=backend)
+
+    torch._dynamo.reset()
+    counters.clear()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = torch.compile(fn, fullgraph=True)(*leaves)
+    out.float().sum().backward()
+    expected = fn(q, k, v)
+    torch.testing.assert_close(out, expected, **TOL)
+    assert sum(counters["graph_break"].values()) == 0
+    with torch.compiler.set_stance("fail_on_recompile"):
+        torch.compile(fn, fullgraph=True)(q, k, v)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA or ROCm GPU")
+def test_transformers_llama_on_gpu_matches_sdpa():
+    transformers = pytest.importorskip("transformers")
+    from dispatchattn.integrations.transformers import register
+
+    name = register()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).cuda().half().eval()
+    oracle = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda().half().eval()
+    oracle.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, 97, (2, 200), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, oracle(ids).logits, atol=2e-2, rtol=2e-2)
