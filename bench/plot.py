@@ -5,9 +5,9 @@
     python bench/plot.py --results DIR --out DIR [--include-dry-runs]
 
 Reads what the benchmark scripts write, never anything else:
-- ``flex_*.json`` (bench/flex.py): one figure per file and head dim, TFLOP/s against sequence length, one
-  panel per case and direction, one line per backend. CPU dry runs (``"dry_run": true``) are skipped unless
-  ``--include-dry-runs``: interpreter timings say nothing about kernels.
+- ``flex_*.json`` (bench/flex.py): one figure per file and head dim, TFLOP/s against sequence length, a
+  panel per case (columns) and direction (rows), one line per backend. CPU dry runs (``"dry_run": true``)
+  are skipped unless ``--include-dry-runs``: interpreter timings say nothing about kernels.
 - ``overhead*.json`` (bench/overhead.py): one bar chart of microseconds per warm call,
   ``da.attention`` against a direct ``F.scaled_dot_product_attention`` call.
 Each figure's title carries the device and the versions recorded in the JSON. Prints every PNG written.
@@ -46,15 +46,19 @@ def plot_flex(record: dict, stem: str, out: Path) -> list[Path]:
         by_dim[row["head_dim"]].append(row)
     written = []
     for dim, rows in sorted(by_dim.items()):
-        panels = sorted({(row["case"], row["direction"]) for row in rows})
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-        for ax, (case, direction) in zip(axes[0], panels):
-            mine = sorted((r for r in rows if (r["case"], r["direction"]) == (case, direction)), key=lambda r: r["seq"])
-            for backend in sorted({b for r in mine for b in r["tflops"]}):
-                points = [(r["seq"], r["tflops"][backend]) for r in mine if backend in r["tflops"]]
+        cases = sorted({row["case"] for row in rows})
+        directions = sorted({row["direction"] for row in rows}, key=lambda d: d != "fwd")  # fwd first
+        fig, axes = plt.subplots(
+            len(directions), len(cases), figsize=(3.6 * len(cases), 3.0 * len(directions)), squeeze=False
+        )
+        for (r, direction), (c, case) in ((rd, cc) for rd in enumerate(directions) for cc in enumerate(cases)):
+            ax = axes[r][c]
+            mine = sorted((x for x in rows if (x["case"], x["direction"]) == (case, direction)), key=lambda x: x["seq"])
+            for backend in sorted({b for x in mine for b in x["tflops"]}):
+                points = [(x["seq"], x["tflops"][backend]) for x in mine if backend in x["tflops"]]
                 ax.plot(*zip(*points), marker="o", label=backend)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{case} {direction}")
+            ax.set_title(f"{case} {direction}", fontsize="medium")
             ax.set_xlabel("sequence length")
             ax.set_ylabel("TFLOP/s (unmasked pairs)")
             ax.legend(fontsize="small")
