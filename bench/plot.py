@@ -87,7 +87,9 @@ def plot_overhead(document: dict, stem: str, out: Path) -> list[Path]:
             ax.text(value, y, f" {value:.1f} us", va="center")
         ax.invert_yaxis()
         ax.set_xlim(0, max(values) * 1.35)
-        ax.set_title(f"shape {tuple(record.get('shape', ()))}", fontsize="small")
+        ax.set_title(
+            f"{record.get('benchmark', 'dispatch overhead')}, shape {tuple(record.get('shape', ()))}", fontsize="small"
+        )
     axes[-1, 0].set_xlabel("microseconds per warm call (median)")
     first = records[0]
     fig.suptitle(f"{first.get('device')} · torch {first.get('torch')} · {first.get('date')}", fontsize="small")
