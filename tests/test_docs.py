@@ -196,3 +196,28 @@ def test_plot_script_on_synthetic_results(tmp_path, capsys):
     assert written == ["flex_synthetic_d64.png", "overhead-cpu.png"]
     assert all((out / name).read_bytes().startswith(b"\x89PNG") for name in written)
     assert "skipped flex_cpu_interpreter.json: a CPU dry run" in capsys.readouterr().out
+
+
+def _fenced(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_explain_output_in_the_docs_is_real(tmp_path):
+    """docs/explain.md pastes the output of its first example; running it again must print the same text."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the pasted output was taken on a machine without a GPU; its reasons differ on one")
+    text = (ROOT / "docs" / "explain.md").read_text()
+    script, pasted = _fenced(text, "python")[0], _fenced(text, "text")[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHATTN_", "TRITON_INTERPRET"))}
+    env["DISPATCHATTN_EXPLAIN"] = "1"
+    (tmp_path / "example.py").write_text(script)
+    result = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == pasted.strip(), "docs/explain.md: re-run the example and paste its output"
