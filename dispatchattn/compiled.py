@@ -21,7 +21,7 @@ from . import explain as _explain
 from .backends import get_backend
 from .masks import MaskMod
 from .scores import ScoreMod
-from .selector import Policy, current_policy, select_cached
+from .selector import Decision, Policy, UnsupportedError, current_policy, select_cached
 from .spec import build_spec
 
 
@@ -102,12 +102,33 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                           mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
     decision = select_cached(spec, caps, Policy(*policy))
+    runner = get_backend(decision.backend)
+    if decision.backend == "triton_flex":
+        decision, runner = _triton_flex_ops(spec, caps, Policy(*policy), decision, tensors[0].device)
     if explain_level:  # reported when traced: once per graph, whatever the level
         _explain.report(str(decision), explain_level)
     name = f"d{DECIDED.count}"
-    setattr(DECIDED, name, (spec, decision, get_backend(decision.backend)))
+    setattr(DECIDED, name, (spec, decision, runner))
     DECIDED.count += 1
     return name
+
+
+def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
+    """The in-house kernel runs in a graph through ``torch.ops.dispatchattn.triton_flex_*`` (see its ``ops.py``).
+    When those cannot run the call, the next allowed backend is chosen, or the forced choice is refused."""
+    from .backends.triton_flex import ops
+
+    backend = get_backend("triton_flex")
+    try:
+        bwd_config = backend._config("bwd", spec, caps)[0]
+        return decision, ops.plan(spec, spec.score, spec.mask, decision.config, bwd_config, device)
+    except ValueError as error:
+        why = f"inside torch.compile triton_flex runs through its custom ops, which cannot run this call: {error}"
+    if policy.allowed == ("triton_flex",):
+        raise UnsupportedError(f"dispatchattn: {why}", decision)
+    order = tuple(name for name in (policy.allowed or decision.priority) if name != "triton_flex")
+    fallback = select_cached(spec, caps, Policy(order, f"{policy.source}; {why}"))
+    return fallback, get_backend(fallback.backend)
 
 
 def _realized(value):

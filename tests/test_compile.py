@@ -181,3 +181,39 @@ def test_torch_flex_lambda_mask_compiles():
 
     with torch.no_grad():
         _check(fn, _inputs((1, 2, 64, 16)), grad=False)
+
+
+def test_triton_flex_compiles_through_its_custom_ops():
+    def fn(q, k, v):
+        return da.attention(q, k, v, mask_mod=da.masks.sliding_window(7) & da.masks.causal(),
+                            score_mod=da.scores.softcap(5.0), enable_gqa=True, backend="triton_flex")
+
+    _check(fn, _inputs((1, 4, 40, 16), kv_heads=2, grad=True), grad=True)
+
+
+def test_triton_flex_with_captured_tensors_is_refused_while_compiling():
+    slopes = torch.linspace(0.1, 0.8, 4)
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, score_mod=da.scores.alibi(slopes), backend="triton_flex")
+
+    with pytest.raises(Exception, match="forced backend cannot run this call"):
+        torch.compile(fn, fullgraph=True)(*_inputs())
+
+
+def test_triton_flex_ops_pass_opcheck():
+    from dispatchattn.backends.triton_flex import codegen, ops
+    from dispatchattn.backends.triton_flex.autograd import heuristic_config
+
+    q, k, v = _inputs((1, 2, 40, 16), grad=True)
+    config = heuristic_config("fwd", 16, torch.float32, "cpu")
+    spec = da.compiled.build_spec(q, k, v, mask_mod=da.masks.causal())
+    plan = ops.plan(spec, None, spec.mask, config, config, q.device)
+    assert codegen.generated_by_key(plan.kernel_key).buffers == []
+    fwd_args = (q, k, v, plan.kv_lists, plan.bwd_lists, plan.kernel_key, 0.25, plan.config, plan.bwd_config)
+    torch.library.opcheck(ops.triton_flex_fwd, fwd_args)
+    out, lse = ops.triton_flex_fwd(*fwd_args)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    bwd_args = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, None, plan.bwd_lists,
+                plan.kernel_key, 0.25, plan.bwd_config)
+    torch.library.opcheck(ops.triton_flex_bwd, bwd_args)

@@ -1,0 +1,150 @@
+"""The Triton flex kernels as ``torch.ops.dispatchattn.*`` custom ops, for calls inside ``torch.compile``.
+
+Eager calls use ``autograd.triton_flex_attention`` directly (a custom op costs several microseconds per call);
+compiled graphs call these ops, which dynamo and AOTAutograd treat as opaque kernels with a fake
+(shape-only) implementation and a registered backward.  Callables cannot cross an op boundary, so the
+generated mods travel as their kernel key (``codegen.generated_by_key``) and the block-sparse structure as
+its index tensors.  Tile configs travel as lists of ints (``TileConfig`` fields in order).
+
+- ``dispatchattn::triton_flex_fwd(q, k, v, kv_lists, kernel_key, scale, config) -> (out, lse)``
+- ``dispatchattn::triton_flex_bwd(q, k, v, out, lse, dout, q_lists, kv_lists, kernel_key, scale, config)
+  -> (dq, dk, dv)``
+
+Only mods that capture no tensors are supported here (their kernel is a pure function of the key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple
+
+import torch
+
+from ...autotune_cache.config import TileConfig
+from .block_mask import BlockMask
+
+__all__ = ["triton_flex_fwd", "triton_flex_bwd", "config_list", "lists_of"]
+
+
+def config_list(config: TileConfig) -> list[int]:
+    """A TileConfig as op arguments."""
+    return [int(x) for x in astuple(config)]
+
+
+def lists_of(block_mask: BlockMask, kind: str) -> list[torch.Tensor]:
+    """The four index tensors of a block mask: ``kind`` "kv" (per q tile, forward and dQ) or "q" (dK/dV)."""
+    if kind == "kv":
+        return [block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                block_mask.full_kv_indices]
+    return [block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices]
+
+
+def _block_mask(q: torch.Tensor, k: torch.Tensor, config: TileConfig, kv_lists, q_lists=None) -> BlockMask:
+    q_lists = q_lists if q_lists is not None else kv_lists  # the forward reads only the kv lists
+    return BlockMask(config.block_m, config.block_n, q.shape[2], k.shape[2], *kv_lists, *q_lists,
+                     fraction_computed=0.0, fraction_partial=0.0)
+
+
+def _generated(kernel_key: str):
+    from . import codegen
+
+    generated = codegen.generated_by_key(kernel_key)
+    if generated.buffers:
+        raise ValueError("dispatchattn::triton_flex ops run only mods that capture no tensors")
+    return generated
+
+
+@torch.library.custom_op("dispatchattn::triton_flex_fwd", mutates_args=())
+def triton_flex_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lists: list[torch.Tensor],
+                    bwd_lists: list[torch.Tensor], kernel_key: str, scale: float, config: list[int],
+                    bwd_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``kv_lists`` at ``config``'s tiles; ``bwd_lists`` (kv then q lists at ``bwd_config``'s tiles)
+    and ``bwd_config`` are only kept for the backward."""
+    from .autograd import flex_forward
+
+    tile = TileConfig(*config)
+    out, lse = flex_forward(q, k, v, _generated(kernel_key), _block_mask(q, k, tile, kv_lists), scale, tile)
+    return out.contiguous(), lse
+
+
+@triton_flex_fwd.register_fake
+def _(q, k, v, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config):
+    batch, heads, seq_q, _ = q.shape
+    out = q.new_empty(batch, heads, seq_q, v.shape[-1])
+    return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("dispatchattn::triton_flex_bwd", mutates_args=())
+def triton_flex_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    dout: torch.Tensor, dlse: torch.Tensor | None, bwd_lists: list[torch.Tensor], kernel_key: str,
+                    scale: float, config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv; ``bwd_lists`` = kv lists then q lists of the block mask at ``config``'s tiles."""
+    from .autograd import flex_backward
+
+    tile = TileConfig(*config)
+    block_mask = _block_mask(q, k, tile, bwd_lists[:4], bwd_lists[4:])
+    dlse = dlse.contiguous() if dlse is not None else None  # the preprocess kernel reads it as (B, H, S) dense
+    dq, dk, dv = flex_backward(q, k, v, out, lse, dout.contiguous(), dlse, _generated(kernel_key), block_mask,
+                               scale, tile)
+    return dq, dk, dv
+
+
+@triton_flex_bwd.register_fake
+def _(q, k, v, out, lse, dout, dlse, bwd_lists, kernel_key, scale, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *bwd_lists)
+    ctx.kernel_key, ctx.scale, ctx.bwd_config = kernel_key, scale, bwd_config
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *bwd_lists = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = triton_flex_bwd(q, k, v, out, lse, dout, dlse, bwd_lists, ctx.kernel_key, ctx.scale,
+                                 ctx.bwd_config)
+    no_grads = [None] * len(bwd_lists)  # the index lists: same structure as the inputs, no gradient
+    return dq, dk, dv, no_grads[:4], no_grads, None, None, None, None
+
+
+triton_flex_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Plan:
+    """What a compiled graph needs to call the ops: kernel key, configs and block-mask tensors, made at trace time."""
+
+    def __init__(self, kernel_key: str, config: TileConfig, bwd_config: TileConfig, kv_lists, bwd_lists):
+        self.kernel_key, self.config, self.bwd_config = kernel_key, config_list(config), config_list(bwd_config)
+        self.kv_lists, self.bwd_lists = kv_lists, bwd_lists
+
+    def run(self, call, spec, config=None):
+        """``Backend.run``'s contract, through the ops (traced by dynamo)."""
+        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        out, lse = triton_flex_fwd(q, k, v, self.kv_lists, self.bwd_lists, self.kernel_key, call.scale,
+                                   self.config, self.bwd_config)
+        return call.from_bhsd(out), (lse if call.return_lse else None)
+
+
+def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig, device) -> Plan:
+    """The trace-time plan for ``spec`` (mods bound to the lengths).  Raises ValueError when the ops cannot run it:
+    a dense ``attn_mask`` or mods that capture tensors (their values may change between calls)."""
+    from ...masks import Causal
+    from . import codegen
+    from .backend import _and
+    from .block_mask import build_block_mask
+
+    if spec.attn_mask is not None:
+        raise ValueError("a dense attn_mask would be a captured tensor of the generated kernel")
+    if spec.is_causal:
+        mask_mod = _and(mask_mod, Causal())
+    generated = codegen.generate(score_mod, mask_mod, device)
+    if generated.buffers:
+        raise ValueError(f"the mods capture {len(generated.buffers)} tensor(s)")
+    shape = dict(batch=spec.batch, heads=spec.heads_q, seq_q=spec.seq_q, seq_kv=spec.seq_kv, device=device)
+    fwd = build_block_mask(mask_mod, block_m=fwd_config.block_m, block_n=fwd_config.block_n, **shape)
+    bwd = build_block_mask(mask_mod, block_m=bwd_config.block_m, block_n=bwd_config.block_n, **shape)
+    return Plan(generated.key, fwd_config, bwd_config, lists_of(fwd, "kv"), lists_of(bwd, "kv") + lists_of(bwd, "q"))
