@@ -72,8 +72,8 @@ def attention(
         spec, decision, runner, score, mask = traced_decide(query, key, value, attn_mask, dropout_p, is_causal,
                                                             scale, enable_gqa, score_mod, mask_mod, layout,
                                                             return_lse, backend)
-        return _run(runner, spec, decision, score, mask, query, key, value, attn_mask, scale, is_causal, enable_gqa, return_lse,
-                    layout)
+        return _run(runner, spec, decision, score, mask, query, key, value, attn_mask, scale, is_causal,
+                    enable_gqa, return_lse, layout)
     try:
         sig = _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
                          mask_mod, layout, return_lse, backend)
@@ -92,11 +92,13 @@ def attention(
     level = envs.explain_level()
     if level and (fresh or level >= 2):
         _explain.report(str(decision), level)
-    return _run(get_backend(decision.backend), spec, decision, spec.score, spec.mask, query, key, value, attn_mask, scale, is_causal,
-                enable_gqa, return_lse, layout)
+    return _run(get_backend(decision.backend), spec, decision, spec.score, spec.mask, query, key, value,
+                attn_mask, scale, is_causal, enable_gqa, return_lse, layout)
 
 
-def _run(runner, spec, decision, score_mod, mask_mod, query, key, value, attn_mask, scale, is_causal, enable_gqa, return_lse, layout):
+def _run(runner, spec, decision, score_mod, mask_mod, query, key, value, attn_mask, scale, is_causal, enable_gqa,
+         return_lse, layout):
+    """Run ``runner`` (the chosen backend) on the call; the mods are the spec's, or the caller's when traced."""
     call = AttentionCall(
         query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=mask_mod, score_mod=score_mod,
         scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
