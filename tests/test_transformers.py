@@ -1,8 +1,9 @@
 """Hugging Face adapter: tiny random models built from configs (no downloads), ``attn_implementation="dispatchattn"``
 against transformers' own ``sdpa`` (or ``eager`` where sdpa cannot run: softcap) implementation.
 
-Tolerance: fp32 logits; the measured max error between the two implementations was ~1e-6 (different kernels,
-same math), so 5e-6 absolute / 1e-5 relative is asserted.
+Tolerance: fp32 logits.  Measured max |difference| of the logits: Llama 0 and Mistral 0 (on CPU both reach
+torch SDPA with the same mask), Gemma 2 3.3e-7 (against eager, which computes the softcap unfused); asserted
+7e-7 absolute, about 2x the largest.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 from dispatchattn.integrations import transformers as adapter  # noqa: E402
 
-TOL = dict(atol=5e-6, rtol=1e-5)
+TOL = dict(atol=7e-7, rtol=0.0)
+#: Inductor fuses the rest of the model differently from eager (measured max 1.5e-7 here): 3e-7.
+COMPILED_TOL = dict(atol=3e-7, rtol=0.0)
 NAME = adapter.register()
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128, pad_token_id=0)
@@ -130,7 +133,7 @@ def test_compiled_model_forward_has_no_graph_break():
         got = torch.compile(ours, fullgraph=True)(ids).logits
         want = oracle(ids).logits
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **COMPILED_TOL)
     torch._dynamo.reset()
 
 
