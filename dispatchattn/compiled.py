@@ -21,7 +21,7 @@ from . import explain as _explain
 from .backends import get_backend
 from .masks import MaskMod
 from .scores import ScoreMod
-from .selector import Decision, Policy, UnsupportedError, current_policy, select_cached
+from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
 from .spec import build_spec
 
 
@@ -101,16 +101,25 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         spec = build_spec(*tensors[:3], tensors[3], dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                           mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
-    decision = select_cached(spec, caps, Policy(*policy))
+    policy = _policy(policy)
+    decision = select_cached(spec, caps, policy)
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
-        decision, runner = _triton_flex_ops(spec, caps, Policy(*policy), decision, tensors[0].device)
+        decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
     if explain_level:  # reported when traced: once per graph, whatever the level
         _explain.report(str(decision), explain_level)
     name = f"d{DECIDED.count}"
     setattr(DECIDED, name, (spec, decision, runner))
     DECIDED.count += 1
     return name
+
+
+def _policy(settings: tuple) -> Policy:
+    """The Policy from ``traced_decide``'s constants: ("context", allowed, source) for a use_backends block,
+    else ("call", backend, DISPATCHATTN_BACKEND value) resolved by ``current_policy`` (run here, not traced)."""
+    if settings[0] == "context":
+        return Policy(settings[1], settings[2])
+    return current_policy(settings[1])
 
 
 def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
@@ -145,13 +154,15 @@ def traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                   layout, return_lse, backend) -> tuple:
     """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time.
     Returns ``(spec, decision, backend, score_mod, mask_mod)``, the mods bound to the sequence lengths."""
-    policy = current_policy(backend)
+    if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
+        policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
+    else:  # backend= or the environment (dynamo guards the os.environ read)
+        policy = ("call", _realized(backend), envs.backend_raw())
     level = envs.explain_level()
     override = capabilities._override[-1] if capabilities._override else None
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
     mods = _static_mod(score_mod), _static_mod(mask_mod)
-    policy = (policy.allowed, policy.source)  # as constants: a Policy made in traced code is not a real object
     name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
                          torch.is_grad_enabled(), level, override)
     spec, decision, runner = getattr(DECIDED, name)

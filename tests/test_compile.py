@@ -217,3 +217,22 @@ def test_triton_flex_ops_pass_opcheck():
     bwd_args = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, None, plan.bwd_lists,
                 plan.kernel_key, 0.25, plan.bwd_config)
     torch.library.opcheck(ops.triton_flex_bwd, bwd_args)
+
+
+def test_environment_allow_list_is_read_and_guarded(monkeypatch):
+    def fn(q, k, v):
+        return da.attention(q, k, v, is_causal=True)
+
+    def last_backend():
+        decided = da.compiled.DECIDED
+        return getattr(decided, f"d{decided.count - 1}")[1].backend
+
+    compiled = torch.compile(fn, fullgraph=True)
+    inputs = _inputs()
+    monkeypatch.setenv("DISPATCHATTN_BACKEND", "reference")
+    torch.testing.assert_close(compiled(*inputs), fn(*inputs), **TOL)
+    assert last_backend() == "reference"
+    monkeypatch.setenv("DISPATCHATTN_BACKEND", "sdpa")  # dynamo guards os.environ: a new graph, a new decision
+    torch.testing.assert_close(compiled(*inputs), fn(*inputs), **TOL)
+    assert last_backend() == "sdpa"
+    assert _graph_breaks() == 0
