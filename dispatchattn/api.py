@@ -92,13 +92,18 @@ def attention(
     level = envs.explain_level()
     if level and (fresh or level >= 2):
         _explain.report(str(decision), level)
-    return _run(get_backend(decision.backend), spec, decision, spec.score, spec.mask, query, key, value,
-                attn_mask, scale, is_causal, enable_gqa, return_lse, layout)
+    call = AttentionCall(  # as in _run, inline: the warm eager path pays no extra call
+        query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=spec.mask, score_mod=spec.score,
+        scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
+        is_causal=is_causal, enable_gqa=enable_gqa, return_lse=return_lse, layout=layout,
+    )
+    out, lse = get_backend(decision.backend).run(call, spec, decision.config)
+    return (out, lse) if return_lse else out
 
 
 def _run(runner, spec, decision, score_mod, mask_mod, query, key, value, attn_mask, scale, is_causal, enable_gqa,
          return_lse, layout):
-    """Run ``runner`` (the chosen backend) on the call; the mods are the spec's, or the caller's when traced."""
+    """Run ``runner`` (the chosen backend) on a traced call, with the caller's mods bound to the lengths."""
     call = AttentionCall(
         query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=mask_mod, score_mod=score_mod,
         scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
