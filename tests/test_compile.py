@@ -236,3 +236,17 @@ def test_environment_allow_list_is_read_and_guarded(monkeypatch):
     torch.testing.assert_close(compiled(*inputs), fn(*inputs), **TOL)
     assert last_backend() == "sdpa"
     assert _graph_breaks() == 0
+
+
+def test_triton_flex_falls_back_when_its_ops_cannot_run_the_call():
+    mask = torch.rand(40, 40, generator=torch.Generator().manual_seed(4)) > 0.3  # a dense mask: a captured tensor
+
+    def fn(q, k, v):
+        with da.use_backends("triton_flex", "reference"):
+            return da.attention(q, k, v, attn_mask=mask)
+
+    _check(fn, _inputs(), grad=False)
+    decided = da.compiled.DECIDED
+    decision = getattr(decided, f"d{decided.count - 1}")[1]
+    assert decision.backend == "reference"
+    assert "custom ops" in decision.reasons["triton_flex"][0]
