@@ -3,10 +3,13 @@
 Dynamo would otherwise trace the whole selector (library probing, tile-config files, the Triton flex
 kernel's mod tracer): slow, fragile and a source of graph breaks.  Instead ``decide_static`` is marked
 ``torch.compiler.assume_constant_result``: dynamo calls it once per trace with Python constants (shapes,
-dtypes, flags, the mod objects themselves) and bakes the returned ``(spec, decision)`` into the graph as
-a constant.  The guards that make this sound are dynamo's own: tensor shapes, dtypes and devices are
-guarded by the graph, mod objects by identity, ``os.environ`` reads and the ``use_backends`` stack by
-value (they are read in the traced caller, ``traced_decide``).
+dtypes, flags, the structure of ``da.masks`` / ``da.scores`` objects, the policy settings) and bakes the
+result into the graph as a constant.  The guards that make this sound are dynamo's own, installed by the
+reads in the traced caller, ``traced_decide``: tensor metadata (inputs and tensors captured by structured
+mods), the mods' attributes, ``os.environ`` and the ``use_backends`` stack.
+
+The decision is data the selector already produces (spec, ``Decision``, backend); the kernels then run,
+traced, on the caller's own tensors and mods.  ``triton_flex`` runs through its custom ops (``ops.py``).
 
 Under ``dynamic=True`` the decision depends on the sizes (thresholds such as torch_flex's minimum CPU
 sequence length), so the sizes of the attention inputs are specialised: one graph per distinct shape.
@@ -94,7 +97,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                   caps_override) -> str:
     """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
     ``DECIDED`` of ``(spec, decision, backend)``: dynamo cannot guard attributes of a constant result, so the
-    objects are read from this module-level list in traced code (guarded by identity, never changed)."""
+    objects are read from that module-level holder in traced code (guarded by identity, never changed)."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
     score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
     with torch.set_grad_enabled(grad_enabled):
