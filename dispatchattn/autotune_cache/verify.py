@@ -61,9 +61,20 @@ def _entries(document: dict, dtypes: Iterable[str]) -> dict[str, tuple[str, str,
 
 
 def _children(config: TileConfig, kernel: str, problem: str) -> list[TileConfig]:
+    """One stage shorter, one shrink step smaller, and (for a spill) 4 warps: a MMA tile split over fewer
+    warps often needs fewer registers per thread for the operands Triton keeps live per warp."""
+    spills = "spills" in problem
     shorter = replace(config, num_stages=config.num_stages - 1) if config.num_stages > 1 else None
-    smaller = _shrink(config, kernel, registers_short="spills" in problem)
-    return [c for c in dict.fromkeys((shorter, smaller)) if c is not None]
+    smaller = _shrink(config, kernel, registers_short=spills)
+    fewer_warps = replace(config, num_warps=4) if spills and config.num_warps > 4 else None
+    return [c for c in dict.fromkeys((shorter, smaller, fewer_warps)) if c is not None]
+
+
+def _only_instruction_problem(records) -> bool:
+    """Whether ``records`` fit (shared memory, no spill) and are rejected only for their matrix instruction."""
+    from ..backends.triton_flex import aot
+
+    return all(all(" matrix instructions on " in r for r in aot.reject_reasons(record)) for record in records)
 
 
 def verify_document(
@@ -78,6 +89,7 @@ def verify_document(
     entries, log = _entries(document, dtypes), []
     frontier = {name: [TileConfig.from_dict(document["tile_configs"][name]["config"])] for name in entries}
     first_rejection: dict[str, str] = {}
+    fallback: dict[str, tuple[TileConfig, list]] = {}  # best config that fits but not with the fast instruction
     for _ in range(MAX_ROUNDS):
         frontier = {name: configs for name, configs in frontier.items() if configs}  # drop exhausted entries
         if not frontier:
@@ -95,12 +107,30 @@ def verify_document(
                 log.append(f"{target} {name}: {best.short()} fits")
                 del frontier[name]
                 continue
+            for c in configs:
+                if _only_instruction_problem(records[(name, c)]) and (
+                    name not in fallback or _preference(c) < _preference(fallback[name][0])
+                ):
+                    fallback[name] = (c, records[(name, c)])
             problems = {c: next(r for r in reasons[(name, c)] if r) for c in configs}
             first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
             children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
             frontier[name] = sorted(children, key=_preference)[:FRONTIER]
     for name in first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}:
         entry = document["tile_configs"][name]
+        if name in fallback:
+            config, records = fallback[name]
+            slow = sorted(
+                {f"{r.kernel} uses {r.matrix_instr}" for r in records if r.matrix_instr != r.expected_matrix_instr}
+            )
+            entry["config"] = config.to_dict()
+            entry["checked"] = (
+                f"compiled with Triton {triton.__version__} for {target}: {_summary(records)}; no config with the "
+                f"fast matrix instruction avoided spills (first tried {first_rejection[name]}), so this is the "
+                f"largest non-spilling one; {', '.join(slow)}"
+            )
+            log.append(f"{target} {name}: {config.short()} fits without the fast matrix instruction")
+            continue
         entry["checked"] = f"no config passed the ahead-of-time compile; kept the heuristic's: {first_rejection[name]}"
         log.append(f"{target} {name}: nothing passed, kept {TileConfig.from_dict(entry['config']).short()}")
     for name, rejection in first_rejection.items():
