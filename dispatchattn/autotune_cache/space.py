@@ -25,6 +25,9 @@ MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
 REGISTER_OVERHEAD = 32
 #: Registers MFMA layouts take per estimated register (see ``_registers_and_budget``).
 MFMA_REGISTER_FACTOR = 2.5
+#: VGPRs one wave may use on CDNA: Triton 3.9 never allocates the accumulation VGPRs (AGPRs), so it spills
+#: past the 256 architectural ones although ``ARCHS`` counts 512 (arch + accumulation) per lane.
+CDNA_TRITON_VGPRS = 256
 #: Shared memory besides the tiles on NVIDIA: barriers and layout-conversion scratch (1,032 B on sm_90).
 SHARED_OVERHEAD = 2048
 
@@ -148,11 +151,13 @@ def why_config_invalid(
 
 def _registers_and_budget(need: Resources, config: TileConfig, info: ArchInfo) -> tuple[int, int]:
     """On CDNA (MFMA) a workgroup's waves share the 4 SIMDs of a CU, so 8 waves leave each 512 / 2
-    VGPRs; and MFMA layouts need more registers than the tile count (factor fit on gfx942 compiles:
-    fwd 128x64 8 waves spilled at 256, bwd 64x64 4 waves used 425 of 512, bwd 32x32 8 waves 241)."""
+    VGPRs, and Triton uses at most the 256 architectural VGPRs of a wave (no AGPRs), so the budget is the
+    smaller of the two; MFMA layouts need more registers than the tile count (factor fit on gfx942
+    compiles: fwd 128x64 8 waves spilled at 256, bwd 32x32 8 waves 241)."""
     if info.vendor == "rocm" and info.matrix_instr == "mfma":
         waves_per_simd = max(1, config.num_warps // 4)
-        return int(need.registers * MFMA_REGISTER_FACTOR), info.max_regs_per_thread // waves_per_simd
+        budget = min(CDNA_TRITON_VGPRS, info.max_regs_per_thread // waves_per_simd)
+        return int(need.registers * MFMA_REGISTER_FACTOR), budget
     return need.registers, info.max_regs_per_thread
 
 
