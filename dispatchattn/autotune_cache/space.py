@@ -23,8 +23,8 @@ KERNELS = ("fwd", "bwd")
 MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
 #: Registers per thread assumed for pointers, loop counters and the softmax state besides the tiles.
 REGISTER_OVERHEAD = 32
-#: Registers MFMA layouts take per estimated register (see ``_registers_and_budget``).
-MFMA_REGISTER_FACTOR = 2.5
+#: Registers MFMA layouts take per estimated register, by waves per SIMD (see ``_registers_and_budget``).
+MFMA_REGISTER_FACTOR = {1: 1.6, 2: 2.5}
 #: VGPRs one wave may use on CDNA: Triton 3.9 never allocates the accumulation VGPRs (AGPRs), so it spills
 #: past the 256 architectural ones although ``ARCHS`` counts 512 (arch + accumulation) per lane.
 CDNA_TRITON_VGPRS = 256
@@ -152,12 +152,13 @@ def why_config_invalid(
 def _registers_and_budget(need: Resources, config: TileConfig, info: ArchInfo) -> tuple[int, int]:
     """On CDNA (MFMA) a workgroup's waves share the 4 SIMDs of a CU, so 8 waves leave each 512 / 2
     VGPRs, and Triton uses at most the 256 architectural VGPRs of a wave (no AGPRs), so the budget is the
-    smaller of the two; MFMA layouts need more registers than the tile count (factor fit on gfx942
-    compiles: fwd 128x64 8 waves spilled at 256, bwd 32x32 8 waves 241)."""
+    smaller of the two; MFMA layouts need more registers than the tile count (factors fit on Triton 3.9
+    compiles: 8 waves, fwd 128x64 spilled at 256 (112 estimated), bwd 32x32 used 241; 4 waves, fwd
+    32x64 D=256 (152 estimated) and bwd 64x32 D=128 (128 estimated) fit in 256 on gfx90a/gfx942/gfx950)."""
     if info.vendor == "rocm" and info.matrix_instr == "mfma":
         waves_per_simd = max(1, config.num_warps // 4)
         budget = min(CDNA_TRITON_VGPRS, info.max_regs_per_thread // waves_per_simd)
-        return int(need.registers * MFMA_REGISTER_FACTOR), budget
+        return int(need.registers * MFMA_REGISTER_FACTOR[min(waves_per_simd, 2)]), budget
     return need.registers, info.max_regs_per_thread
 
 

@@ -70,11 +70,9 @@ def _children(config: TileConfig, kernel: str, problem: str) -> list[TileConfig]
     return [c for c in dict.fromkeys((shorter, smaller, fewer_warps)) if c is not None]
 
 
-def _only_instruction_problem(records) -> bool:
-    """Whether ``records`` fit (shared memory, no spill) and are rejected only for their matrix instruction."""
-    from ..backends.triton_flex import aot
-
-    return all(all(" matrix instructions on " in r for r in aot.reject_reasons(record)) for record in records)
+def _only_instruction_problem(reasons: list[str | None]) -> bool:
+    """Whether a config's launches fit (shared memory, no spill), rejected only for their matrix instruction."""
+    return all(r is None or all(" matrix instructions on " in part for part in r.split("; ")) for r in reasons)
 
 
 def verify_document(
@@ -108,7 +106,7 @@ def verify_document(
                 del frontier[name]
                 continue
             for c in configs:
-                if _only_instruction_problem(records[(name, c)]) and (
+                if _only_instruction_problem(reasons[(name, c)]) and (
                     name not in fallback or _preference(c) < _preference(fallback[name][0])
                 ):
                     fallback[name] = (c, records[(name, c)])
