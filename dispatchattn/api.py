@@ -92,11 +92,10 @@ def attention(
     level = envs.explain_level()
     if level and (fresh or level >= 2):
         _explain.report(str(decision), level)
-    call = AttentionCall(  # as in _run, inline: the warm eager path pays no extra call
-        query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=spec.mask, score_mod=spec.score,
-        scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
-        is_causal=is_causal, enable_gqa=enable_gqa, return_lse=return_lse, layout=layout,
-    )
+    # As in _run, inline and positional (in field order): keywords cost ~1 us on the warm eager path.
+    call = AttentionCall(query, key, value, attn_mask, spec.mask, spec.score,
+                         scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), spec.dropout_p,
+                         is_causal, enable_gqa, return_lse, layout)
     out, lse = get_backend(decision.backend).run(call, spec, decision.config)
     return (out, lse) if return_lse else out
 

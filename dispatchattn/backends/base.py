@@ -43,7 +43,7 @@ def _dtype_names(dtypes) -> str:
     return "{" + ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) + "}"
 
 
-@dataclass
+@dataclass(slots=True)
 class AttentionCall:
     """The tensors and callables of one call, normalised (``scale`` resolved, mods bound to lengths).
 
