@@ -30,6 +30,21 @@ NEEDS = {"gpu": ("cuda", "rocm"), "cuda": ("cuda",), "rocm": ("rocm",)}
 WORDS = {"cuda": "an NVIDIA GPU (CUDA)", "rocm": "an AMD GPU (ROCm)"}
 
 
+#: Reason codes that say the GPU machine is set up wrong (a library missing or too old), not that the case does
+#: not exist on this hardware: a skip for one of them fails in strict mode.
+SETUP_REASON_CODES = frozenset({"not_installed", "import_failed", "version_too_old", "device_unsupported",
+                                "not_allowed"})
+
+
+def skip_refused(backend: str, reasons) -> None:
+    """Skip a GPU-tier case that ``backend`` refuses: "not applicable here" when every reason is a design
+    limit of the backend on this arch, a plain skip (a failure in strict mode) when the machine lacks a library."""
+    setup = [r for r in reasons if r.code in SETUP_REASON_CODES]
+    if setup:
+        pytest.skip(f"{backend} is not set up on this GPU machine: {'; '.join(setup)}")
+    pytest.skip(f"{NOT_APPLICABLE}{backend} refuses this case by design: {'; '.join(reasons)}")
+
+
 def gpu_vendor() -> str | None:
     """Return "cuda", "rocm" or None: the GPU this process can use (torch's view of it)."""
     import torch

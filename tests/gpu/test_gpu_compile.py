@@ -1,6 +1,6 @@
 """GPU tier: ``torch.compile(fullgraph=True)`` around ``da.attention`` with the GPU backends, and the transformers
 adapter on a GPU.  Skipped without a GPU (tests/conftest.py turns the skips into failures when
-DISPATCHATTN_REQUIRE_GPU=1); a backend whose library is missing is skipped with that reason.
+DISPATCHATTN_REQUIRE_GPU=1, except a case a backend refuses by design: see ``skip_refused``).
 
 Oracle: the same call in eager mode (same backend, same inputs); fp16 tolerance 2e-3 (different fusion of the
 surrounding graph only, the attention kernel is the same).
@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_tier import skip_refused
 from torch._dynamo.utils import counters
 
 import dispatchattn as da
 
 pytestmark = pytest.mark.gpu
 
-HAS_GPU = torch.cuda.is_available()
 TOL = dict(atol=2e-3, rtol=2e-3)
 
 
 def _usable(name: str, q, k, v, **kwargs) -> None:
     decision = da.explain(q, k, v, **kwargs)
     reasons = decision.reasons.get(name) or []
-    if any(r.code != "lower_priority" for r in reasons):
-        pytest.skip(f"{name} cannot run here: {'; '.join(reasons)}")
+    refused = [r for r in reasons if r.code != "lower_priority"]
+    if refused:
+        skip_refused(name, refused)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA or ROCm GPU")
-@pytest.mark.parametrize("backend", ["flash", "xformers", "sdpa", "torch_flex"])
+@pytest.mark.parametrize("backend", ["flash", "xformers", "sdpa", "torch_flex", "triton_flex"])
 @pytest.mark.parametrize("mask", ["causal", "window"])
 def test_compiled_gpu_backend_has_no_graph_break(backend, mask):
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -51,9 +51,10 @@ def test_compiled_gpu_backend_has_no_graph_break(backend, mask):
         torch.compile(fn, fullgraph=True)(q, k, v)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA or ROCm GPU")
-def test_transformers_llama_on_gpu_matches_sdpa():
+def test_transformers_llama_on_gpu_matches_sdpa(monkeypatch, caplog):
     transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("DISPATCHATTN_EXPLAIN", "1")
+    caplog.set_level("INFO", logger="dispatchattn")
     from dispatchattn.integrations.transformers import register
 
     name = register()
@@ -66,3 +67,7 @@ def test_transformers_llama_on_gpu_matches_sdpa():
     ids = torch.randint(1, 97, (2, 200), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, oracle(ids).logits, atol=2e-2, rtol=2e-2)
+    # Which kernels the layers ran, for the run's log (-rA shows it): one decision per distinct layer shape.
+    ran = sorted({r.getMessage().split(" for ", 1)[0].removeprefix("dispatchattn: ") for r in caplog.records})
+    print("transformers Llama layers ran:", ran)
+    assert ran and "reference" not in ran, ran
