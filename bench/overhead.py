@@ -28,24 +28,22 @@ def _per_call(fn, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def measure(shape=(1, 8, 128, 64), rounds: int = 31, inner: int = 200) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
-    ours = lambda: da.attention(q, k, v, is_causal=True)  # noqa: E731
-    direct = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    assert torch.equal(ours(), direct())
+def _medians(ours, direct, rounds: int, inner: int) -> tuple[float, float]:
+    """Median seconds per call of ``ours`` and ``direct``, warmed up, then interleaved round by round."""
     for fn in (ours, direct):
         _per_call(fn, inner)
     ours_s, direct_s = [], []
     for _ in range(rounds):
         ours_s.append(_per_call(ours, inner))
         direct_s.append(_per_call(direct, inner))
-    ours_med, direct_med = statistics.median(ours_s), statistics.median(direct_s)
+    return statistics.median(ours_s), statistics.median(direct_s)
+
+
+def _record(benchmark: str, shape, ours_med: float, direct_med: float, **extra) -> dict:
     return {
-        "benchmark": "eager dispatch overhead",
-        "shape": list(shape), "dtype": "float32", "is_causal": True,
+        "benchmark": benchmark, "shape": list(shape), "dtype": "float32", "is_causal": True,
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "backend": da.explain(q, k, v, is_causal=True).backend,
+        **extra,
         "torch": torch.__version__, "dispatchattn": da.__version__, "date": date.today().isoformat(),
         "dispatchattn_us": ours_med * 1e6, "sdpa_us": direct_med * 1e6,
         "added_us": (ours_med - direct_med) * 1e6, "ratio": ours_med / direct_med,
@@ -60,6 +58,15 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def measure(shape=(1, 8, 128, 64), rounds: int = 31, inner: int = 200) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    ours, direct = (lambda: _ours(q, k, v)), (lambda: _sdpa(q, k, v))
+    assert torch.equal(ours(), direct())
+    return _record("eager dispatch overhead", shape, *_medians(ours, direct, rounds, inner),
+                   backend=da.explain(q, k, v, is_causal=True).backend)
+
+
 def measure_compiled(shape=(1, 8, 128, 64), rounds: int = 31, inner: int = 200) -> dict:
     """A compiled function calling ``da.attention`` vs the same function calling SDPA, both warm (target <= 1.02)."""
     gen = torch.Generator().manual_seed(0)
@@ -67,21 +74,8 @@ def measure_compiled(shape=(1, 8, 128, 64), rounds: int = 31, inner: int = 200) 
     ours_fn, direct_fn = torch.compile(_ours, fullgraph=True), torch.compile(_sdpa, fullgraph=True)
     ours, direct = (lambda: ours_fn(q, k, v)), (lambda: direct_fn(q, k, v))
     torch.testing.assert_close(ours(), direct())
-    for fn in (ours, direct):
-        _per_call(fn, inner)
-    ours_s, direct_s = [], []
-    for _ in range(rounds):
-        ours_s.append(_per_call(ours, inner))
-        direct_s.append(_per_call(direct, inner))
-    ours_med, direct_med = statistics.median(ours_s), statistics.median(direct_s)
-    return {
-        "benchmark": "compiled dispatch overhead (torch.compile, fullgraph)",
-        "shape": list(shape), "dtype": "float32", "is_causal": True,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "dispatchattn": da.__version__, "date": date.today().isoformat(),
-        "dispatchattn_us": ours_med * 1e6, "sdpa_us": direct_med * 1e6,
-        "added_us": (ours_med - direct_med) * 1e6, "ratio": ours_med / direct_med,
-    }
+    return _record("compiled dispatch overhead (torch.compile, fullgraph)", shape,
+                   *_medians(ours, direct, rounds, inner))
 
 
 def main() -> None:
