@@ -2,7 +2,8 @@
 
 The double (``fakes/flash_doubles.py::make_fa4``) computes FA4's forward and, from the saved ``out`` and
 ``lse``, its backward in float64, as the kernels do; so the ops' registration (schema, fake, autograd) and the
-lse-gradient term are checked here, on CPU, against the float64 oracle (``oracle.py``).
+lse-gradient term are checked here, on CPU, against the float64 oracle (``oracle.py``).  Synthetic sm_100
+caps with flash-attn 4 make ``backend="flash"`` choose FA4 for CPU tensors.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import pytest
 import torch
 from fakes.flash_doubles import install, make_fa4
 from oracle import attention64
+from packaging.version import Version
+from torch._dynamo.utils import counters
 
+import dispatchattn as da
 from dispatchattn.backends import flash_ops
+from dispatchattn.capabilities import DeviceCaps, Libraries, pretend
+
+FA4_CAPS = DeviceCaps.synthetic("sm_100", libraries=Libraries(
+    torch=Version("2.13"), flash_attn=None, flash_attn_3=None, flash_attn_4=Version("4.0.0")))
 
 # (causal, window_left, window_right, softcap) as the ops take them, and the oracle's mask / score_mod
 SETTINGS = {
@@ -29,6 +37,14 @@ def fa4(monkeypatch):
     double = make_fa4()
     install(monkeypatch, fa4=double)
     return double
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
 
 
 def _bshd(b=2, s=24, hq=4, hkv=2, d=16, dtype=torch.float32, grad=False, seed=0):
@@ -137,3 +153,72 @@ def test_ops_pass_flash_arguments_through(fa4):
     name, _, kw = fa4.recorder.last
     assert name == "_flash_attn_bwd" and kw["deterministic"] and kw["softmax_scale"] == 0.25
     assert (kw["window_size_left"], kw["window_size_right"], kw["softcap"]) == (5, None, 3.0)
+
+
+# ----------------------------------------------------------------------------------- through da.attention
+def _bhsd(dtype=torch.float16, grad=True, seed=0, shape=(1, 4, 40, 16), kv_heads=2):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, s, d = shape
+    sizes = ((b, h, s, d), (b, kv_heads, s, d), (b, kv_heads, s, d))
+    return [torch.randn(size, generator=gen).to(dtype).requires_grad_(grad) for size in sizes]
+
+
+COMPILED = {
+    "causal": dict(is_causal=True),
+    "window_softcap": dict(mask_mod=da.masks.sliding_window(7) & da.masks.causal(),
+                           score_mod=da.scores.softcap(4.0)),
+    "bottom_right": dict(mask_mod=da.masks.causal(bottom_right=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPILED))
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out_lse"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "bwd"])
+def test_attention_compiles_through_the_ops(fa4, fresh_dynamo, case, return_lse, grad):
+    """fullgraph compile of ``da.attention(backend="flash")`` on FA4: no graph break, the graph calls the ops
+    (the recorder sees FA4's ``_flash_attn_fwd``/``_bwd``), results and gradients equal eager's."""
+    kwargs = COMPILED[case]
+
+    def fn(q, k, v):
+        result = da.attention(q, k, v, backend="flash", enable_gqa=True, return_lse=return_lse, **kwargs)
+        return result if return_lse else (result,)
+
+    inputs = _bhsd(grad=grad, seed=9)
+    eager_inputs = [t.detach().clone().requires_grad_(grad) for t in inputs]
+    with pretend(FA4_CAPS):
+        expected = fn(*eager_inputs)
+        eager_calls = [name for name, _, _ in fa4.recorder.calls]
+        fa4.recorder.calls.clear()
+        compiled = torch.compile(fn, fullgraph=True)
+        got = compiled(*inputs)
+    assert eager_calls == (["_flash_attn_fwd"] if return_lse and grad else ["flash_attn_func"])
+    assert [name for name, _, _ in fa4.recorder.calls] == ["_flash_attn_fwd"]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    if grad:
+        gen = torch.Generator().manual_seed(10)
+        cotangents = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in expected]
+        fa4.recorder.calls.clear()
+        torch.autograd.backward(got, cotangents)
+        # the lse term's second backward runs only where the lse is an output (AOTAutograd gives it a gradient)
+        assert [name for name, _, _ in fa4.recorder.calls] == ["_flash_attn_bwd"] * (1 + return_lse)
+        torch.autograd.backward(expected, cotangents)
+        for a, b in zip(inputs, eager_inputs):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_eager_lse_gradient_is_exact(fa4):
+    """Eager calls whose lse needs a gradient go through the ops: FA4's own autograd.Function gives the lse
+    none, the ops add the exact term (compared with the float64 oracle)."""
+    q, k, v = _bhsd(dtype=torch.float16, grad=True, seed=11, kv_heads=4)
+    with pretend(FA4_CAPS):
+        out, lse = da.attention(q, k, v, backend="flash", is_causal=True, return_lse=True)
+    assert fa4.recorder.last[0] == "_flash_attn_fwd"
+    s = q.shape[2]
+    mask = torch.arange(s).view(1, s) <= torch.arange(s).view(s, 1)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention64(q64, k64, v64, mask=mask)
+    (out.double().sum() + 3 * lse.double().sum()).backward()
+    (ref_out.sum() + 3 * ref_lse.sum()).backward()
+    for got, want in zip((q, k, v), (q64, k64, v64)):  # measured 2e-3 (fp16 out and grads, cotangents of 1)
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=4e-3, rtol=4e-3)

@@ -11,6 +11,10 @@ Translation (exact, or the backend refuses with the sentence saying why):
   (flash's bias ``-slope*|i + Sk - Sq - j|`` equals ours up to the per-row constant ``slope*(Sk-Sq)``,
   added back to the lse);
 - rows with no key return zeros and ``-inf`` lse (flash writes ``+inf`` there).
+
+FA4 has no ``torch.library`` op of its own: inside ``torch.compile`` it runs through ``flash_ops``
+(``dispatchattn::flash4_fwd`` / ``flash4_bwd``), and so do eager calls whose lse needs a gradient (FA4's
+autograd.Function gives its lse none; the ops' backward adds the exact lse term).
 """
 
 from __future__ import annotations
@@ -183,6 +187,10 @@ class FlashBackend(Backend):
         kwargs = _kwargs(impl, spec, call, plan)
         if plan.document is not None:
             out, lse = _run_varlen(impl, q, k, v, plan, kwargs, call.return_lse)
+        elif impl.key == "fa4" and (torch.compiler.is_compiling() or (call.return_lse and spec.requires_grad)):
+            from . import flash_ops  # FA4 as dispatchattn::flash4_* ops: one graph node, exact lse gradient
+
+            out, lse = flash_ops.flash4_attention(q, k, v, **kwargs)
         else:
             out, lse = _call(impl, "flash_attn_func", (q, k, v), kwargs, call.return_lse)
         lse = _fix_lse(lse, spec, plan, call, out.device) if call.return_lse else None
