@@ -71,8 +71,12 @@ class MaskMod:
     def __hash__(self) -> int:
         return hash((self.key, self._tensor_ids()))
 
-    def _tensor_ids(self) -> tuple:
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the mask reads (document ids, ...): caches key on their identity and version."""
         return ()
+
+    def _tensor_ids(self) -> tuple:
+        return tuple(id(t) for t in self.captured())
 
 
 def _as_mask(other) -> MaskMod:
@@ -227,8 +231,8 @@ class Document(MaskMod):
         ids = self.document_ids
         return ("document", tuple(ids.shape), str(ids.dtype), str(ids.device))
 
-    def _tensor_ids(self) -> tuple:
-        return (id(self.document_ids),)
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        return (self.document_ids,)
 
     def __call__(self, b, h, q_idx, kv_idx):
         ids = self.document_ids
@@ -274,8 +278,8 @@ class _Combined(MaskMod):
     def key(self):
         return (self.op, self.left.key, self.right.key)
 
-    def _tensor_ids(self) -> tuple:
-        return self.left._tensor_ids() + self.right._tensor_ids()
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        return self.left.captured() + self.right.captured()
 
     def parts(self) -> list[MaskMod]:
         """The leaves of a chain of the same operator: (a & b) & c -> [a, b, c]."""

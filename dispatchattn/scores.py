@@ -37,8 +37,12 @@ class ScoreMod:
     def __repr__(self) -> str:
         return f"da.scores.{self.__name__}"
 
-    def _tensor_ids(self) -> tuple:
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the score reads (slopes, bias table): caches key on their identity and version."""
         return ()
+
+    def _tensor_ids(self) -> tuple:
+        return tuple(id(t) for t in self.captured())
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and self.key == other.key and self._tensor_ids() == other._tensor_ids()
@@ -82,8 +86,8 @@ class Alibi(ScoreMod):
     def key(self):
         return ("alibi", _tensor_key(self.slopes))
 
-    def _tensor_ids(self):
-        return (id(self.slopes),)
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        return (self.slopes,)
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + self.slopes[h] * (kv_idx - q_idx)
@@ -102,8 +106,8 @@ class RelativeBias(ScoreMod):
     def key(self):
         return ("relative_bias", _tensor_key(self.table), self.offset)
 
-    def _tensor_ids(self):
-        return (id(self.table),)
+    def captured(self) -> tuple[torch.Tensor, ...]:
+        return (self.table,)
 
     def bind(self, seq_q, seq_kv):
         return RelativeBias(self.table, offset=seq_kv - 1)

@@ -5,10 +5,14 @@ Structured masks become SDPA arguments: top-left causal -> ``is_causal``; anythi
 built only under a memory budget (``DISPATCHATTN_DENSE_MASK_BUDGET_MB``, default 256) that the
 explanation states in bytes.  Additive scores (ALiBi, relative bias) become a dense float bias the same
 way; non-additive ones (softcap, arbitrary score_mods) are refused.  Rows whose every key is masked are
-set to zeros (SDPA's kernels may return NaN or an average there).
+set to zeros (SDPA's kernels may return NaN or an average there).  A dense mask built from ``da.masks`` /
+``da.scores`` alone is cached per (structure, captured tensors and their versions, shape, device, dtype),
+all cached masks together within the same budget.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -95,12 +99,14 @@ class SdpaBackend(Backend):
         else:
             q, k, v = call.query.transpose(1, 2), call.key.transpose(1, 2), call.value.transpose(1, 2)
         is_causal = call.is_causal
-        attn_mask = call.attn_mask
+        attn_mask, empty_rows = call.attn_mask, None
         if _needs_dense(spec) or (is_causal and attn_mask is not None):
-            attn_mask = _build_dense(call, spec, q.device, q.dtype)
+            attn_mask, empty_rows = _dense_mask(call, spec, q.device, q.dtype)
             is_causal = False
-        elif isinstance(call.mask_mod, Causal):
-            is_causal = True
+        else:
+            is_causal = is_causal or isinstance(call.mask_mod, Causal)
+            if attn_mask is not None:
+                empty_rows = _empty_rows(attn_mask)
         # Only what differs from SDPA's defaults is passed: each keyword costs time on the warm path.
         kwargs = {}
         if spec.heads_q != spec.heads_kv:
@@ -112,9 +118,41 @@ class SdpaBackend(Backend):
         if attn_mask is not None:
             kwargs["attn_mask"] = attn_mask
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **kwargs)
-        if attn_mask is not None:
-            out = _zero_empty_rows(out, attn_mask)
+        if empty_rows is not None:
+            out = out.masked_fill(empty_rows, 0.0)
         return call.from_bhsd(out), None
+
+
+_DENSE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+
+
+def _dense_key(call: AttentionCall, spec, device, dtype) -> tuple | None:
+    """Cache key of a dense mask built from ``da.masks`` / ``da.scores`` alone; None when the call has a
+    mask of its own or an opaque mod (a lambda may read anything)."""
+    mods = [m for m in (call.mask_mod, call.score_mod) if m is not None]
+    if call.attn_mask is not None or not all(isinstance(m, (MaskMod, ScoreMod)) for m in mods):
+        return None
+    versions = tuple(t._version for m in mods for t in m.captured())  # in-place edits make a new key
+    return (call.mask_mod, call.score_mod, call.is_causal, _dense_mask_shape(spec), str(device), dtype, versions)
+
+
+def _dense_mask(call: AttentionCall, spec, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dense mask or bias, rows with no key or None when there are none), cached when ``_dense_key`` allows."""
+    key = None if torch.compiler.is_compiling() else _dense_key(call, spec, device, dtype)
+    cached = _DENSE_CACHE.get(key) if key is not None else None
+    if cached is not None:
+        _DENSE_CACHE.move_to_end(key)
+        return cached
+    mask = _build_dense(call, spec, device, dtype)
+    empty = _empty_rows(mask)
+    if key is None:
+        return mask, empty
+    entry = (mask, empty if bool(empty.any()) else None)  # checked once per cached mask, not per call
+    _DENSE_CACHE[key] = entry
+    budget = envs.dense_mask_budget_bytes()
+    while len(_DENSE_CACHE) > 1 and sum(m.nbytes for m, _ in _DENSE_CACHE.values()) > budget:
+        _DENSE_CACHE.popitem(last=False)
+    return entry
 
 
 def _build_dense(call: AttentionCall, spec, device, dtype) -> torch.Tensor:
@@ -146,10 +184,9 @@ def _build_dense(call: AttentionCall, spec, device, dtype) -> torch.Tensor:
     return bias
 
 
-def _zero_empty_rows(out: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-    """Rows whose every key is masked: zeros (the contract), whatever the SDPA kernel returned."""
+def _empty_rows(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Rows whose every key is masked, (..., Sq, 1) bool: the contract makes them zeros, whatever SDPA's kernel
+    returned there."""
     if attn_mask.dtype == torch.bool:
-        has_key = attn_mask.any(dim=-1, keepdim=True)
-    else:
-        has_key = (attn_mask != float("-inf")).any(dim=-1, keepdim=True)
-    return out.masked_fill(~has_key, 0.0)
+        return ~attn_mask.any(dim=-1, keepdim=True)
+    return ~(attn_mask != float("-inf")).any(dim=-1, keepdim=True)
