@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from ...capabilities import DeviceCaps, probe
 from ...masks import Causal, MaskMod
 from ...spec import AttentionSpec
@@ -50,6 +52,16 @@ def _then(first, second):
 
 def _device(spec: AttentionSpec) -> str:
     return "cuda" if spec.device_type in ("cuda", "rocm") else spec.device_type
+
+
+def decoding(spec: AttentionSpec) -> bool:
+    """Whether the split-KV decoding kernel (``decode.py``) runs ``spec``: few query rows, no gradient, not
+    while ``torch.compile`` traces (compiled graphs call the forward kernel's custom op, ``ops.py``)."""
+    from .decode import MAX_DECODE_SEQ_Q
+
+    if spec.seq_q > MAX_DECODE_SEQ_Q or spec.requires_grad or spec.mods_need_grad:
+        return False
+    return not torch.compiler.is_compiling()
 
 
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
@@ -115,7 +127,8 @@ class TritonFlexBackend(Backend):
         return codegen.unsupported_reason(spec.score, spec.mask, _device(spec))
 
     def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
-        return self._config("fwd", spec, caps)
+        """The forward kernel's config, or the decoding kernel's (``decoding(spec)``), with its source."""
+        return self._config("decode" if decoding(spec) else "fwd", spec, caps)
 
     @staticmethod
     def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
@@ -134,6 +147,10 @@ class TritonFlexBackend(Backend):
     def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
         """Generated kernel (hash and file), block sparsity when known from structure, tile configs."""
         config, source = self.tile_config(spec, caps)
+        if decoding(spec):
+            notes = [note for note in (self._kernel_note(spec), self._decode_note(spec, caps, config)) if note]
+            notes.append(f"decoding tile config {config.short()} (from {source})")
+            return notes
         notes = [note for note in (self._kernel_note(spec), self._sparsity_note(spec, config)) if note]
         notes.append(f"forward tile config {config.short()} (from {source})")
         if spec.requires_grad or spec.mods_need_grad:
@@ -158,6 +175,20 @@ class TritonFlexBackend(Backend):
         return f"generated kernel {generated.short_key}{dense} (source: {generated.path})"
 
     @staticmethod
+    def _decode_note(spec: AttentionSpec, caps: DeviceCaps, config) -> str:
+        from .decode import decoding_plan, multiprocessors
+
+        block_m, row_tiles, splits = decoding_plan(spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.seq_kv,
+                                                   config, caps)
+        rows = spec.seq_q * (spec.heads_q // spec.heads_kv)
+        sms = multiprocessors(caps)
+        device = f"{sms} SMs/CUs" if sms else "CPU: fixed"
+        return (f"decoding kernel (split-KV) with num_splits={splits}: {rows} query rows per kv head (Sq {spec.seq_q} "
+                f"x {spec.heads_q // spec.heads_kv} q heads per kv head) in {row_tiles} tile(s) of BLOCK_M={block_m}; "
+                f"splits from Sk={spec.seq_kv}, B*Hkv={spec.batch * spec.heads_kv} and the device ({device}); "
+                "then a reduction of the splits")
+
+    @staticmethod
     def _sparsity_note(spec: AttentionSpec, config) -> str | None:
         """Fraction of tiles computed, when the mask's structure alone tells (no tensor data read)."""
         mask = spec.mask
@@ -178,6 +209,17 @@ class TritonFlexBackend(Backend):
 
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         caps = probe(q.device)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if decoding(spec) and not grad:
+            from .decode import decode_flex_attention
+
+            decode_config = config if isinstance(config, TileConfig) else self._config("decode", spec, caps)[0]
+            score_mod, mask_mod = call_mods(call)
+            out, lse = decode_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
+                                             return_lse=call.return_lse, config=decode_config, caps=caps)
+            return call.from_bhsd(out), lse
+        if decoding(spec):  # the decision's config is the decoding kernel's: the forward kernel has its own
+            config = None
         fwd_config = config if isinstance(config, TileConfig) else self._config("fwd", spec, caps)[0]
         bwd_config = self._config("bwd", spec, caps)[0] if spec.requires_grad or spec.mods_need_grad else None
         score_mod, mask_mod = call_mods(call)
