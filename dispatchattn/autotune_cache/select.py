@@ -30,6 +30,8 @@ logger = logging.getLogger("dispatchattn")
 INTERPRETER_SOURCE = "interpreter default"
 INTERPRETER_BLOCK = 64
 FALLBACK = TileConfig(64, 64, num_warps=4, num_stages=2)  # fits every arch in the table at D <= 128
+#: Kernels ``DISPATCHATTN_AUTOTUNE=1`` tunes on a cache miss; others ("decode") use the shipped default.
+TUNED_ON_MISS = ("fwd", "bwd")
 _memo: dict[tuple, tuple[TileConfig, str]] = {}
 
 
@@ -63,7 +65,7 @@ def clear_memo() -> None:
 
 
 def select_config(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
-    """The tile config for ``kernel`` ("fwd" / "bwd") of ``spec`` on ``caps``, and where it came from.
+    """The tile config for ``kernel`` ("fwd" / "bwd" / "decode") of ``spec`` on ``caps``, and where it came from.
 
     The source reads after "from": ``user cache (/path/file.json)``, ``shipped default (not measured)
     for sm_90: ...``, ``heuristic (no tuned entry; ...)``, ``interpreter default``.  Never raises.
@@ -108,7 +110,8 @@ def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tupl
         where = path if loaded.healthy else f"{path}, kept in memory: {loaded.status}"
         return found, f"user cache ({where})"
     trouble = "" if loaded.healthy else f"; {loaded.status}"
-    if envs.autotune_on_miss() and spec.device_type == "cuda" and not torch.compiler.is_compiling():
+    tunable = kernel in TUNED_ON_MISS  # the decoding kernel has no timing harness in ``tuning`` yet
+    if tunable and envs.autotune_on_miss() and spec.device_type == "cuda" and not torch.compiler.is_compiling():
         tuned, why = _tune_on_miss(kernel, spec, caps, key, path)
         if tuned is not None:
             return tuned, why

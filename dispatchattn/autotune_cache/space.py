@@ -1,12 +1,17 @@
 """Which tile configs exist per vendor, which fit an arch, and the untuned default for each.
 
-Forward and backward are separate kernels with separate configs.  The backward of ``triton_flex`` is two
+Forward, backward and decoding are separate kernels with separate configs.  The backward of ``triton_flex`` is two
 launches sharing one ``TileConfig(m, n)`` (and one block mask at m x n tiles): dK/dV keeps a key tile of
 ``n`` rows and streams query tiles of ``m`` rows; dQ keeps a query tile of ``m`` rows and streams key
 tiles of ``n`` rows.
 
 Resources are *estimated* here from the tile shapes (``estimate_resources``, one small function); the
 ahead-of-time compiler measures the real shared memory per target and may refine it.
+
+The decoding kernel (split-KV, ``backends/triton_flex/decode.py``, Sq <= 16 without gradient) puts the
+``Sq x groups`` query rows of one kv head in the M dimension of its dots: its ``block_m`` is the smallest row
+tile (16; 64 on sm_90 / sm_100, whose wgmma / tcgen05 need 64 rows), padded up at run time to the rows of the
+call; ``num_splits`` is chosen at run time from Sk, B x Hkv and the device's SM count (``decode.decoding_plan``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from ..capabilities import ARCHS, ArchInfo, DeviceCaps
 from .config import TileConfig
 
-KERNELS = ("fwd", "bwd")
+KERNELS = ("fwd", "bwd", "decode")
 MIN_BLOCK = 16  # the smallest M / N / K of tl.dot
 #: Registers per thread assumed for pointers, loop counters and the softmax state besides the tiles.
 REGISTER_OVERHEAD = 32
@@ -81,7 +86,7 @@ def estimate_resources(
     row_bytes = (d + dv) * element
     stages = max(config.num_stages, 1)
     m, n = config.block_m, config.block_n
-    if kernel == "fwd":
+    if kernel in ("fwd", "decode"):  # decoding: the forward's tiles, with the query rows of a GQA group as M
         q_tile = m * d * element
         shared = max(max(stages - 1, 1) * n * row_bytes, q_tile + n * d * element)  # K+V in flight, or Q+K
         if vendor == "rocm":
@@ -179,6 +184,25 @@ def _cuda_candidates() -> list[TileConfig]:
     ]
 
 
+def decode_rows(arch: str, dtype: torch.dtype) -> int:
+    """The decoding kernel's smallest row tile on ``arch``: 64 where the 16-bit matrix instruction needs a
+    64-row warpgroup tile (wgmma, tcgen05), else tl.dot's 16 (fp32 dots run without matrix instructions)."""
+    info = ARCHS.get(arch)
+    if dtype != torch.float32 and info is not None and info.matrix_instr in ("wgmma", "tcgen05"):
+        return 64
+    return MIN_BLOCK
+
+
+def _decode_candidates(arch: str, dtype: torch.dtype) -> list[TileConfig]:
+    rows = decode_rows(arch, dtype)
+    if ARCHS[arch].vendor == "cuda":
+        return [TileConfig(rows, n, warps, stages)
+                for n, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4))]
+    cdna = ARCHS[arch].matrix_instr == "mfma"
+    return [TileConfig(rows, n, warps, 1, wpe, nonk, 2 if cdna else 1)
+            for n, warps, wpe, nonk in itertools.product((32, 64, 128), (4, 8), (0, 2), (0, 16) if cdna else (0,))]
+
+
 def _rocm_candidates(kernel: str, arch: str) -> list[TileConfig]:
     cdna = ARCHS[arch].matrix_instr == "mfma"
     mfma = (0, 16) if cdna else (0,)  # matrix_instr_nonkdim and kpack only mean something on MFMA
@@ -213,7 +237,10 @@ def config_space(
     if arch not in ARCHS:
         return []
     vendor = ARCHS[arch].vendor
-    candidates = set(_cuda_candidates() if vendor == "cuda" else _rocm_candidates(kernel, arch))
+    if kernel == "decode":
+        candidates = set(_decode_candidates(arch, dtype))
+    else:
+        candidates = set(_cuda_candidates() if vendor == "cuda" else _rocm_candidates(kernel, arch))
     candidates.add(heuristic_config(kernel, arch, dtype, head_dim, head_dim_v))
     fits = [c for c in candidates if not why_config_invalid(kernel, c, arch, dtype, head_dim, head_dim_v)]
     return sorted(fits)
@@ -239,6 +266,32 @@ _FWD_OTHER = (64, 64, 3, 4)
 # Backward rows: FlexAttention's (BLOCK_M1, BLOCK_N1, num_stages, num_warps), the dK/dV tiles; our dQ
 # launch uses the same (m, n) instead of FlexAttention's transposed (M2, N2) = (N1, M1).
 _BWD_FP32_OR_LARGE = (16, 16, 1, 4)
+
+
+# Decoding rows (BLOCK_M, BLOCK_N, num_stages, num_warps) by padded head dim: BLOCK_M is ``decode_rows``; a
+# memory-bound loop over kv tiles, so narrow kv tiles with a deep pipeline; 8 warps on the 64-row wgmma /
+# tcgen05 tile (4 warps spilled at D=128 on sm_90 with Triton 3.9: 376 B at 64x64 s3).
+_DECODE_NVIDIA = {"half": {64: (64, 3, 4), 128: (32, 3, 4), 256: (32, 2, 4)}, "fp32": {64: (32, 2, 4), 128: (32, 2, 4),
+                                                                                     256: (16, 2, 4)}}
+_DECODE_WIDE = {64: (64, 3, 4), 128: (64, 3, 8), 256: (32, 3, 8)}  # sm_90 / sm_100, 16-bit
+_DECODE_ROCM = {"half": {64: (64, 1, 4), 128: (64, 1, 4), 256: (32, 1, 4)}, "fp32": {64: (32, 1, 4), 128: (32, 1, 4),
+                                                                                   256: (16, 1, 4)}}
+
+
+def _decode_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    info = ARCHS.get(arch)
+    precision = "fp32" if dtype == torch.float32 else "half"
+    d = min(_pow2_at_least(head_dim, 64), 256)
+    rows = decode_rows(arch, dtype)
+    if info is None:
+        return (rows, 32, 2, 4)
+    if info.vendor == "rocm":
+        n, stages, warps = _DECODE_ROCM[precision][d]
+    elif rows == 64:
+        n, stages, warps = _DECODE_WIDE[d]
+    else:
+        n, stages, warps = _DECODE_NVIDIA[precision][d]
+    return rows, n, stages, warps
 
 
 def _fwd_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
@@ -273,7 +326,8 @@ def _bwd_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, in
 
 def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> TileConfig:
     """The FlexAttention default table's config, as is (it may not fit; see ``heuristic_config``)."""
-    m, n, stages, warps = (_fwd_row if kernel == "fwd" else _bwd_row)(arch, dtype, head_dim)
+    row = {"fwd": _fwd_row, "bwd": _bwd_row, "decode": _decode_row}[kernel]
+    m, n, stages, warps = row(arch, dtype, head_dim)
     info = ARCHS.get(arch)
     if info is not None and info.vendor == "rocm" and info.matrix_instr == "mfma":
         return TileConfig(m, n, warps, stages, waves_per_eu=0, matrix_instr_nonkdim=0, kpack=2)
@@ -292,9 +346,9 @@ def _shrink(config: TileConfig, kernel: str, registers_short: bool, measured: bo
     if config.num_stages > 1 and not registers_short:
         return replace(config, num_stages=config.num_stages - 1)
     m, n = config.block_m, config.block_n
-    if n > MIN_BLOCK and (kernel == "fwd" or n >= m):  # backward: the larger side first
+    if n > MIN_BLOCK and (kernel in ("fwd", "decode") or n >= m):  # backward: the larger side first
         return replace(config, block_n=n // 2)
-    if m > MIN_BLOCK:
+    if m > MIN_BLOCK:  # decoding: fewer rows than wgmma / tcgen05 need fall back to mma.sync (a last resort)
         return replace(config, block_m=m // 2)
     if measured and config.num_stages > 1:
         return replace(config, num_stages=config.num_stages - 1)
@@ -314,7 +368,7 @@ def heuristic_config_and_note(
         if smaller is None:
             break
         config, problem = smaller, why_config_invalid(kernel, smaller, arch, dtype, head_dim, head_dim_v)
-    note = f"FlexAttention default table for {arch}"
+    note = f"{'decoding' if kernel == 'decode' else 'FlexAttention'} default table for {arch}"
     if config != table:
         note += f", shrunk from {table.short()} because {first_problem}"
     return config, note

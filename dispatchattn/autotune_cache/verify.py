@@ -17,7 +17,7 @@ from dataclasses import replace
 from .config import TileConfig
 from .space import _shrink
 
-LAUNCHES = {"fwd": ("fwd",), "bwd": ("bwd_dkdv", "bwd_dq")}
+LAUNCHES = {"fwd": ("fwd",), "bwd": ("bwd_dkdv", "bwd_dq"), "decode": ("decode", "decode_reduce")}
 MAX_ROUNDS = 6
 FRONTIER = 3  # configs tried per entry and round
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
