@@ -396,6 +396,16 @@ def test_fa4_sm100_head_dim_and_fallback_to_fa2():
     assert impl.key == "fa2"
 
 
+def test_lse_with_gradients_needs_the_fa4_ops():
+    """FA2/FA3's autograd Functions give the lse no gradient: a loss using it would be silently wrong."""
+    training = spec_for(return_lse=True, requires_grad=True)
+    assert "lse_grad_unsupported" in [r.code for r in FlashBackend().why_not(training, caps("sm_90", fa3="3.0.0"))]
+    assert FlashBackend().why_not(spec_for(return_lse=True), caps("sm_90")) == []
+    assert FlashBackend().why_not(spec_for(requires_grad=True), caps("sm_90")) == []
+    impl, _, _ = FlashBackend().choose(training, caps("sm_100", fa4="4.0.0"))  # its ops add the lse term
+    assert impl.key == "fa4"
+
+
 def test_not_installed_and_cpu():
     assert [r.code for r in FlashBackend().why_not(spec_for(), caps(fa2=None))] == ["not_installed"]
     assert [r.code for r in FlashBackend().why_not(spec_for(device_type="cpu"), caps("cpu"))] == [

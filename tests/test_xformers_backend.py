@@ -175,11 +175,20 @@ def test_dropout_and_grad_use_autograd_api(monkeypatch):
     run(q, k, v, dropout_p=0.2, return_lse=False)
     assert calls[-1][0] == "memory_efficient_attention" and calls[-1][2]["p"] == 0.2
     q.requires_grad_()
-    out, lse = run(q, k, v, is_causal=True)
-    assert [c[0] for c in calls[-2:]] == ["memory_efficient_attention",
-                                          "memory_efficient_attention_forward_requires_grad"]
+    out, _ = run(q, k, v, is_causal=True, return_lse=False)
+    assert calls[-1][0] == "memory_efficient_attention"
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_lse_with_gradients_is_refused(monkeypatch):
+    """xFormers' lse comes from a second forward pass without a gradient: a loss that uses the lse would get a
+    silently wrong gradient, so such calls go elsewhere (triton_flex / reference differentiate the lse)."""
+    install(monkeypatch)
+    q, k, v = tensors(1, 2, 2, 16, 16, 32, dtype=torch.float32)
+    spec = build_spec(q.requires_grad_(), k, v, is_causal=True, return_lse=True)
+    assert [r.code for r in XformersBackend().why_not(spec, caps())] == ["lse_grad_unsupported"]
+    assert XformersBackend().why_not(build_spec(q, k, v, is_causal=True), caps()) == []
 
 
 def test_value_head_dim_differs(monkeypatch):

@@ -289,6 +289,10 @@ def _impl_reasons(impl: FlashImpl, version: Version, spec: AttentionSpec, caps: 
         reasons += _needs(impl, version, "backward", "inputs require grad", label)
     if spec.return_lse:
         reasons += _needs(impl, version, "lse", "return_lse=True", label)
+        if spec.requires_grad and (impl.key != "fa4" or plan.document is not None):
+            reasons.append(Reason("lse_grad_unsupported", f"{label} gives its lse no gradient (its autograd Function "
+                                  "marks it non-differentiable) and this call returns the lse with gradients on; "
+                                  "only the FA4 path without documents adds the lse term exactly"))
     if plan.document is not None:
         reasons += _needs(impl, version, "varlen", f"mask {spec.mask.__name__}", label)
     window = flash_window(plan, spec.seq_q, spec.seq_kv)

@@ -56,6 +56,9 @@ class XformersBackend(Backend):
         bias, problem = bias_kind(spec, plan)
         if problem:
             return [problem]
+        if spec.return_lse and spec.requires_grad:
+            return [Reason("lse_grad_unsupported", "xFormers' autograd API returns no lse; a second forward pass "
+                           "gives one without a gradient, and this call returns the lse with gradients on")]
         if _on_real_device(caps):
             reasons = library_reasons(spec, bias, torch.device("cuda"))
             if reasons is not None:
@@ -67,7 +70,7 @@ class XformersBackend(Backend):
         notes = [f"attn_bias: {bias}"]
         if bias == _TENSOR and spec.attn_mask is None:
             notes.append(f"structured mask/score materialised as a tensor bias of {_bias_bytes(spec)} bytes")
-        if spec.return_lse and (spec.requires_grad or spec.dropout_p > 0):
+        if spec.return_lse and spec.dropout_p > 0:
             notes.append("lse comes from a second forward pass (xFormers' autograd API returns no lse)")
         return notes
 
