@@ -268,12 +268,15 @@ _FWD_OTHER = (64, 64, 3, 4)
 _BWD_FP32_OR_LARGE = (16, 16, 1, 4)
 
 
-# Decoding rows (BLOCK_M, BLOCK_N, num_stages, num_warps) by padded head dim: BLOCK_M is ``decode_rows``; a
+# Decoding rows (BLOCK_N, num_stages, num_warps) by padded head dim, BLOCK_M is ``decode_rows``: a
 # memory-bound loop over kv tiles, so narrow kv tiles with a deep pipeline; 8 warps on the 64-row wgmma /
-# tcgen05 tile (4 warps spilled at D=128 on sm_90 with Triton 3.9: 376 B at 64x64 s3).
+# tcgen05 tile (4 warps spilled at D=128 on sm_90 with Triton 3.9: 376 B at 64x64 s3).  At D=256 every 64-row
+# tile spilled on sm_90 / sm_100 (64x16 w8 s1: 216 B / 80 B; 64x16 w4 s2: 440 B / 360 B), so that row is
+# (BLOCK_M, BLOCK_N, stages, warps) = 16x32 w8 s3 with mma.sync (176 registers on both).
 _DECODE_NVIDIA = {"half": {64: (64, 3, 4), 128: (32, 3, 4), 256: (32, 2, 4)}, "fp32": {64: (32, 2, 4), 128: (32, 2, 4),
                                                                                      256: (16, 2, 4)}}
 _DECODE_WIDE = {64: (64, 3, 4), 128: (64, 3, 8), 256: (32, 3, 8)}  # sm_90 / sm_100, 16-bit
+_DECODE_WIDE_D256 = (16, 32, 3, 8)
 _DECODE_ROCM = {"half": {64: (64, 1, 4), 128: (64, 1, 4), 256: (32, 1, 4)}, "fp32": {64: (32, 1, 4), 128: (32, 1, 4),
                                                                                    256: (16, 1, 4)}}
 
@@ -287,6 +290,8 @@ def _decode_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int,
         return (rows, 32, 2, 4)
     if info.vendor == "rocm":
         n, stages, warps = _DECODE_ROCM[precision][d]
+    elif rows == 64 and d == 256:
+        return _DECODE_WIDE_D256
     elif rows == 64:
         n, stages, warps = _DECODE_WIDE[d]
     else:
