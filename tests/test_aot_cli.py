@@ -69,3 +69,16 @@ def test_a_users_own_mod_is_imported_and_planned_without_compiling():
 def test_mod_spec_must_name_module_and_attribute():
     with pytest.raises(SystemExit, match="expected MODULE:NAME"):
         aot_report.load_mod("just_a_module")
+
+
+def test_decoding_kernels_are_compiled_with_their_shipped_config(capsys):
+    """``--kernel decode,decode_reduce``: the decoding kernel on its 64-row wgmma tile, the reduction (no dot) with
+    its own 4-warp, one-stage config (shared by every test: cached after the first compile)."""
+    args = _parse("--target", "sm_90", "--kernel", "decode,decode_reduce", "--json", "--check")
+    status = aot.run_aot(args)
+    records = {r["kernel"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(records) == {"decode", "decode_reduce"} and status == 0
+    assert records["decode"]["matrix_instr"] == "wgmma" and records["decode"]["config"]["block_m"] == 64
+    assert records["decode_reduce"]["expected_matrix_instr"] is None
+    reduce_config = records["decode_reduce"]["config"]
+    assert reduce_config["num_warps"] == 4 and reduce_config["num_stages"] == 1

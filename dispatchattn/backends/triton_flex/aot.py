@@ -33,7 +33,7 @@ from .aot_compile import JIT_MARKER, compile_in_workers
 FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
 MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
 #: Kernels with no ``tl.dot`` (row-wise reductions): no matrix instruction is expected of them.
-KERNELS_WITHOUT_DOT = frozenset({"bwd_preprocess"})
+KERNELS_WITHOUT_DOT = frozenset({"bwd_preprocess", "decode_reduce"})
 
 
 @dataclass(frozen=True)
@@ -283,12 +283,16 @@ def make_job(
     ``generated``: the output of ``codegen.generate(score_mod, mask_mod)`` when the caller has it already.
     ``flags`` go to ``kernels.aot_entry`` (``seq_divisible``, ``write_lse``, ``accumulate``, ...).
     """
-    from . import codegen, kernels
+    from . import codegen, decode, kernels
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     generated = generated or codegen.generate(score_mod, mask_mod)
-    jit_fn, signature, constexprs = kernels.aot_entry(
+    entry = kernels.aot_entry
+    if kernel in decode.KERNELS:  # the split-KV decoding launches (decode.py); the reduction runs its own config
+        entry, config = decode.aot_entry, decode.launch_config(kernel, config)
+        flags.pop("accumulate", None), flags.pop("has_dlse", None)
+    jit_fn, signature, constexprs = entry(
         kernel, generated, torch_dtype, head_dim, head_dim_v, config, **flags
     )
     return AotJob(
@@ -342,12 +346,14 @@ def check_config(
 ) -> AotRecord | None:
     """The measured record of ``config`` for ``kernel`` on ``target`` (plain variant unless mods are given).
 
-    ``kernel`` is a launch kernel ("fwd", "bwd_dkdv", ...) or the autotuned "bwd", whose config drives all
-    three backward launches: then the first launch that does not fit is returned (else ``bwd_dkdv``'s).
+    ``kernel`` is a launch kernel ("fwd", "bwd_dkdv", "decode", ...) or the autotuned "bwd" / "decode", whose
+    config drives all three backward launches (both decoding launches): then the first launch that does not fit
+    is returned (else the first launch's).
     ``record.fits`` says whether the config may ship there; ``reject_reason(record)`` says why not.
     ``cached_only=True`` never compiles (for explanations on the hot path): None when nothing is cached.
     """
-    launches = ("bwd_dkdv", "bwd_dq", "bwd_preprocess") if kernel == "bwd" else (kernel,)
+    launches = {"bwd": ("bwd_dkdv", "bwd_dq", "bwd_preprocess"), "decode": ("decode", "decode_reduce")}.get(
+        kernel, (kernel,))
     jobs = [make_job(k, config, target, dtype, head_dim, head_dim_v, **kwargs) for k in launches]
     if cached_only:
         cached = [aot_cache.load(job.target, job.cache_key()) for job in jobs]

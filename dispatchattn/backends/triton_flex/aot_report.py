@@ -56,7 +56,10 @@ CHECKED_VARIANTS: dict[str, tuple[str | None, str | None]] = {
     "relative_bias": (None, "relative_bias"),
 }
 #: Launch kernels per autotuned kernel: one backward config drives all three backward launches.
-LAUNCHES: dict[str, tuple[str, ...]] = {"fwd": ("fwd",), "bwd": ("bwd_preprocess", "bwd_dkdv", "bwd_dq")}
+LAUNCHES: dict[str, tuple[str, ...]] = {"fwd": ("fwd",), "bwd": ("bwd_preprocess", "bwd_dkdv", "bwd_dq"),
+                                        "decode": ("decode", "decode_reduce")}
+#: Launches that do not read the mods: planned for the first variant only.
+MOD_FREE = frozenset({"bwd_preprocess", "decode_reduce"})
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -80,7 +83,7 @@ def load_mod(spec: str):
 
 
 def shipped_config(tune_kernel: str, target: str, dtype: str, head_dim: int) -> TileConfig | None:
-    """The shipped default of ``tune_kernel`` ("fwd" / "bwd") for ``target``, or None if none ships."""
+    """The shipped default of ``tune_kernel`` ("fwd" / "bwd" / "decode") for ``target``, or None if none ships."""
     found = shipped.lookup(tune_kernel, target, TORCH_DTYPE_NAMES[dtype], head_dim, head_dim)
     return found[0] if found else None
 
@@ -106,7 +109,8 @@ def plan(
 
     A variant is a (mask, score) pair, each a name of ``MASKS`` / ``SCORES``, a user's callable, or None.
 
-    The kernel preprocess pass does not depend on the mods, so it is planned for the first variant only.
+    The backward's preprocess pass and the decoding reduction do not depend on the mods, so they are planned
+    for the first variant only.
     """
     from . import codegen
 
@@ -115,7 +119,7 @@ def plan(
         generated = codegen.generate(_build(score, SCORES), _build(mask, MASKS))
         launches = [(tune, launch) for tune, names in LAUNCHES.items() for launch in names]
         for (tune_kernel, launch), dtype, head_dim, target in itertools.product(launches, dtypes, head_dims, targets):
-            if (kernels and launch not in kernels) or (launch == "bwd_preprocess" and position > 0):
+            if (kernels and launch not in kernels) or (launch in MOD_FREE and position > 0):
                 continue
             chosen = [config] if config else configs_for(tune_kernel, target, dtype, head_dim, source)
             variant = variant_name(mask, score)
@@ -246,7 +250,8 @@ def add_aot_parser(subparsers) -> argparse.ArgumentParser:
     add("--mask-mod", default=None, help="your own mask_mod, imported as MODULE:NAME")
     add("--score-mod", default=None, help="your own score_mod, imported as MODULE:NAME")
     add("--variants", choices=["checked"], help="the variants the tests check (plain, causal, window, ...)")
-    add("--kernel", type=_csv, default=None, help="comma list of fwd,bwd_preprocess,bwd_dkdv,bwd_dq")
+    add("--kernel", type=_csv, default=None,
+        help="comma list of fwd,bwd_preprocess,bwd_dkdv,bwd_dq,decode,decode_reduce")
     add("--dtype", type=_csv, default=["bf16"], help="comma list of bf16,fp16,fp32 (default: bf16)")
     add("--head-dim", type=lambda s: [int(x) for x in _csv(s)], default=[128], help="comma list (default: 128)")
     add("--configs", choices=["shipped", "space"], default="shipped", help="shipped defaults or the whole space")

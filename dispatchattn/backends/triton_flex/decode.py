@@ -17,6 +17,13 @@ each K/V tile once per group; the kv tiles of one (batch, kv head) are spread ov
 Block sparsity: the block mask of the whole Sq (one q tile) is reduced over the q heads of each GQA group (a kv
 tile is computed when any head of the group keeps a key of it, and skips the mask_mod only when it is full
 for every head), so empty tiles are skipped and the mask is evaluated element-wise where needed.
+
+Tile config: the "decode" kind of ``autotune_cache`` (BLOCK_N, warps, stages; ``block_m`` the smallest row
+tile).  ``num_splits`` comes from ``decoding_plan``: enough programs for ``WAVES`` per SM / CU, at most one
+split per kv tile.  Ahead of time (``python -m dispatchattn aot --kernel decode,decode_reduce``) the kernel is
+compiled at BLOCK_M = the config's ``block_m``, i.e. up to that many Sq x groups rows; calls with more rows pad
+BLOCK_M up to ``MAX_BLOCK_ROWS`` (not checked ahead of time).  With one split the reduction still runs (a copy
+of out and lse: one small extra launch).
 """
 
 from __future__ import annotations
@@ -186,7 +193,7 @@ def launch_config(kernel: str, config: TileConfig) -> TileConfig:
     """The config a decoding launch runs with: the decode config, or for the reduction (a row-wise merge) 4 warps
     and one stage whatever the main kernel's tiles."""
     if kernel == "decode_reduce":
-        return TileConfig(REDUCE_ROWS, config.block_n, num_warps=4, num_stages=1)
+        return TileConfig(REDUCE_ROWS, REDUCE_ROWS, num_warps=4, num_stages=1)  # BLOCK_N: unused
     return config
 
 

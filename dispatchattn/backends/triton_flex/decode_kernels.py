@@ -1,7 +1,6 @@
 """The ``@triton.jit`` kernels of split-KV decoding; the launch logic and the design are in ``decode.py``.
 
-Kept apart from the launch code so that ahead-of-time compile records (cached by the kernel file's hash) stay
-valid when only the Python around the kernels changes.
+Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): this file holds only device code.
 """
 
 import triton
