@@ -232,7 +232,7 @@ def test_more_query_rows_than_the_bound_use_the_forward_kernel():
 
 
 def test_many_rows_per_kv_head_span_several_row_tiles():
-    """16 x 8 = 128 query rows per kv head: two row tiles of 64."""
+    """16 x 8 = 128 query rows per kv head: four row tiles of 32."""
     q, k, v = _inputs(19, 1, 8, 1, 16, 77, 32, 32)
     out, lse = _decoded(q, k, v, enable_gqa=True, score_mod=lambda s, b, h, q_idx, kv_idx: s + (h - q_idx) * 0.1)
     ref, ref_lse = attention64(q, k, v, attn_bias=score_bias(

@@ -6,7 +6,29 @@ Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): thi
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETED, LN2, LOG2E, _load_rows, _scores
+from .kernels import INTERPRETED, LN2, LOG2E, _load_rows
+
+
+@triton.jit
+def _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3,
+            SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(modded scores with -inf where not kept) of one tile: the forward kernel's ``kernels._scores`` (same
+    calls of the generated mods, ``q_idx`` = the query's index 0..Sq-1), with ``h`` a column of q heads (one per
+    row).  A copy, so that changes of the forward kernel's helper signature do not reach this kernel unseen."""
+    raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    q_idx = q_pos[:, None]
+    kv_idx = offs_n[None, :]
+    score = raw
+    if HAS_SCORE_MOD:
+        score = SCORE_MOD(raw, b, h, q_idx, kv_idx, B0, B1, B2, B3)
+    if APPLY_MASK:
+        keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+    elif CHECK_BOUNDS:
+        keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
+    else:
+        keep = (kv_idx >= 0) & (q_idx >= 0)
+    return tl.where(keep, score, float("-inf"))
 
 
 @triton.jit
@@ -25,8 +47,8 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        _, score, _ = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD,
-                              MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
+        score = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD, MASK_MOD,
+                        HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
         score2 = score * LOG2E
         m_new = tl.maximum(m_i, tl.max(score2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
