@@ -32,13 +32,41 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Triton's CPU interpreter has no bf16 arithmetic (numpy): there, tiles are widened to fp32 on load.
 INTERPRETED = tl.constexpr(envs.triton_interpret())
+#: Tests set this to force ``_one_pass()`` under the interpreter (None: decided by the compile target).
+FORCE_ONE_PASS: bool | None = None
+
+if INTERPRETED:
+
+    def _one_pass():
+        return tl.constexpr(bool(FORCE_ONE_PASS))
+
+else:
+
+    @tl.core.builtin
+    def _one_pass(_semantic=None):
+        """Compile-time: walk the masked and the full tile lists in one loop (RDNA3 targets) instead of two.
+
+        RDNA3 (gfx11, wave32, 256 VGPRs) WMMA needs each operand replicated in both half-waves, so the
+        q / k tiles alone take most of the register file; with two loops LLVM keeps a second copy of the
+        loop-invariant operands live and every tile config spills (fwd D=128 16x16 w2: 65 spills).  One loop
+        with a uniform branch for the mask fits.  NVIDIA (sm_80 spills, sm_90 +19..35 registers) and CDNA keep
+        two loops.  Read from the compile options, so ``triton.compile(..., target=gfx1100)`` AOT sees it too.
+        """
+        arch = getattr(getattr(_semantic.builder, "options", None), "arch", None)
+        if FORCE_ONE_PASS is not None:
+            return tl.constexpr(FORCE_ONE_PASS)
+        return tl.constexpr(isinstance(arch, str) and arch.startswith("gfx11"))
 
 
 @triton.jit
-def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
+def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked,
             SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
             APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(raw scaled scores, modded scores with -inf where not kept, keep) of one tile."""
+    """(raw scaled scores, modded scores with -inf where not kept, keep) of one tile.
+
+    ``masked`` is ``True`` (constexpr) except in a one-pass loop, where it says (at run time) whether the tile
+    comes from the masked list (mask_mod applied) or the full one (bounds only).
+    """
     raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
@@ -46,7 +74,10 @@ def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
     if HAS_SCORE_MOD:
         score = SCORE_MOD(raw, b, h, q_idx, kv_idx, B0, B1, B2, B3)
     if APPLY_MASK:
-        keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+        if masked:
+            keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+        else:
+            keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
     elif CHECK_BOUNDS:
         keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
     else:
@@ -65,19 +96,42 @@ def _load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
 
 
 @triton.jit
+def _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS: tl.constexpr):
+    """Tile index of iteration ``i``: in a one-pass loop the full list follows the masked one."""
+    if ONE_PASS:
+        tile = tl.load(tl.where(masked, idx_ptr, full_idx_ptr - num_masked) + i)
+    else:
+        tile = tl.load(idx_ptr + i)
+    return tile
+
+
+@triton.jit
+def _num_tiles(num_ptr, full_num_ptr, ONE_PASS: tl.constexpr):
+    """(iterations, masked tiles): the one-pass loop walks both lists."""
+    num_masked = tl.load(num_ptr)
+    num_blocks = num_masked
+    if ONE_PASS:
+        num_blocks += tl.load(full_num_ptr)
+    return num_blocks, num_masked
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                num_ptr, idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
+                B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-                APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax accumulation over the kv tiles listed at ``idx_ptr`` (``num_ptr`` of them)."""
-    num_blocks = tl.load(num_ptr)
+                APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, ONE_PASS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Online-softmax accumulation over the kv tiles listed at ``idx_ptr`` (``num_ptr`` of them), then, if
+    ``ONE_PASS``, over those at ``full_idx_ptr``."""
+    num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
-        kv_tile = tl.load(idx_ptr + i)
+        masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
+        kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD,
+        _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
         score2 = score * LOG2E
         m_new = tl.maximum(m_i, tl.max(score2, 1))
@@ -114,14 +168,18 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
+    one_pass = _one_pass()
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + row,
-        KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, True, True, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + row,
-        FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, DOT_PRECISION)
+        KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
+        (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
+        HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION)
+    if not one_pass:
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + row,
+            FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m,
+            offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
+            HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out_ptrs = Out + b * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -163,11 +221,11 @@ def _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q):
 
 @triton.jit
 def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-               G0, G1, G2, G3, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+               G0, G1, G2, G3, masked, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(P, dS w.r.t. the raw scaled score) of one tile, recomputed from the saved lse."""
-    raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD,
+    raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
                                MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
     p = tl.exp2(score * LOG2E - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -181,21 +239,23 @@ def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV,
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom,
-                 stride_dod, num_ptr, idx_ptr, b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale,
-                 B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+                 stride_dod, num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_n, offs_d, offs_dv, SEQ_Q,
+                 SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_M: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                  HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one kv tile over the q tiles listed at ``idx_ptr``."""
-    num_blocks = tl.load(num_ptr)
+                 ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one kv tile over the q tiles listed at ``idx_ptr`` (then ``full_idx_ptr``
+    if ``ONE_PASS``)."""
+    num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
-        q_tile = tl.load(idx_ptr + i)
+        masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
+        q_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_rows(Q_head, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
         do = _load_rows(DO_head, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q, HEAD_DIM_V)
         lse2, delta = _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q)
         p, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                           B0, B1, B2, B3, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+                           B0, B1, B2, B3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                            CHECK_BOUNDS, False, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -224,6 +284,7 @@ def _bwd_dkdv_kernel(
                    HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    one_pass = _one_pass()
     for g in range(0, GROUPS):
         h = h_kv * GROUPS + g
         Q_head = Q + b * stride_qz + h * stride_qh
@@ -232,14 +293,16 @@ def _bwd_dkdv_kernel(
         row = b * mask_stride_z + h * mask_stride_h + pid_n
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
-            Q_NUM + row, Q_IDX + row * NUM_Q_TILES, b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale,
-            B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD,
-            True, True, DOT_PRECISION)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
-            FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES, b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV,
-            sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD,
-            HAS_SCORE_MOD, False, not EVEN_N, DOT_PRECISION)
+            Q_NUM + row, Q_IDX + row * NUM_Q_TILES, (FULL_Q_NUM if one_pass else Q_NUM) + row,
+            (FULL_Q_IDX if one_pass else Q_IDX) + row * NUM_Q_TILES, b, h,
+            offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+            SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION)
+        if not one_pass:
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES, FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES,
+                b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V,
+                BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
     dk = dk * sm_scale
     keep_n = offs_n[:, None] < SEQ_KV
     tl.store(DK + b * stride_dkz + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -250,20 +313,22 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-               num_ptr, idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3,
-               G0, G1, G2, G3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-               SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+               num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
+               B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_N: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one q tile over the kv tiles listed at ``idx_ptr`` (and captured-tensor grads)."""
-    num_blocks = tl.load(num_ptr)
+               ONE_PASS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one q tile over the kv tiles listed at ``idx_ptr`` (then ``full_idx_ptr`` if
+    ``ONE_PASS``) and captured-tensor grads."""
+    num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
-        kv_tile = tl.load(idx_ptr + i)
+        masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
+        kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                           G0, G1, G2, G3, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+                           G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                            CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -296,14 +361,18 @@ def _bwd_dq_kernel(
     V_head = V + b * stride_vz + h_kv * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
+    one_pass = _one_pass()
     dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KV_NUM + row, KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
-                    B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD,
-                    MASK_MOD, HAS_SCORE_MOD, True, True, ACCUMULATE, DOT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                    FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV,
-                    sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
-                    SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, ACCUMULATE, DOT_PRECISION)
+                    KV_NUM + row, KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
+                    (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM,
+                    HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
+                    ACCUMULATE, DOT_PRECISION)
+    if not one_pass:
+        dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                        FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row,
+                        FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
+                        B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD,
+                        MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, ACCUMULATE, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM))
