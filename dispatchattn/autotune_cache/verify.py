@@ -114,6 +114,8 @@ def verify_document(
             first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
             children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
             frontier[name] = sorted(children, key=_preference)[:FRONTIER]
+    unresolved = first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}
+    log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers)
     for name in first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}:
         entry = document["tile_configs"][name]
         if name in fallback:
@@ -133,6 +135,35 @@ def verify_document(
         log.append(f"{target} {name}: nothing passed, kept {TileConfig.from_dict(entry['config']).short()}")
     for name, rejection in first_rejection.items():
         document["tile_configs"][name]["note"] += f"; ahead-of-time compile rejected {rejection}"
+    return log
+
+
+#: Tried when the shrink search finds nothing: the smallest MMA tiles, every warp count, no pipelining.  The
+#: shrink path keeps warps high and tiles large, while RDNA3 fits only here (fwd D=128: 32x16 w8, 209 VGPRs).
+SMALL_TILES = tuple(TileConfig(m, n, num_warps=w, num_stages=1)
+                    for m, n in ((32, 32), (32, 16), (16, 32), (16, 16)) for w in (8, 4, 2))
+
+
+def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str, str, int]], workers: int) -> list:
+    """Compile ``SMALL_TILES`` for entries nothing else passed; keep the largest that fits with the target's
+    matrix instruction."""
+    import triton
+
+    if not entries:
+        return []
+    pending = {(name, c): entry for name, entry in entries.items() for c in SMALL_TILES}
+    reasons, records = _compile_round(pending, target, workers)
+    log = []
+    for name in entries:
+        passing = [c for c in SMALL_TILES if not any(reasons[(name, c)])]
+        if not passing:
+            continue
+        best = min(passing, key=_preference)
+        entry = document["tile_configs"][name]
+        entry["config"] = best.to_dict()
+        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}: "
+                            f"{_summary(records[(name, best)])} (small-tile sweep: the shrink search found none)")
+        log.append(f"{target} {name}: {best.short()} fits (small-tile sweep)")
     return log
 
 
