@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from . import envs
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import Reason
+from .backends.sdpa import needs_dense_mask
 from .capabilities import DeviceCaps
 from .spec import AttentionSpec
 
@@ -148,8 +149,10 @@ _GPU_FIXED_FIRST = ("flash", "sdpa", "xformers", "triton_flex", "torch_flex", "r
 _GPU_FLEX_FIRST = ("flash", "xformers", "triton_flex", "torch_flex", "sdpa", "reference")
 _CPU_SDPA_FIRST = ("sdpa", "reference", "torch_flex", "triton_flex", "flash", "xformers")
 _CPU_FLEX_FIRST = ("torch_flex", "sdpa", "reference", "triton_flex", "flash", "xformers")
-#: On CPU, compiled FlexAttention repays its first compile only on large masked problems (measured on
-#: 2 cores: sliding window 256 at S=4096 runs ~7x faster than SDPA with a dense mask).
+#: On CPU, compiled FlexAttention repays its first compile (~7-13 s) only on large problems whose mask SDPA must
+#: take densely (bench/cpu_masks.py, 2 cores, (1, 8, S, 64) fp32, bench/results/cpu-masks.json): sliding window
+#: 256 runs 1.07x / 2.2x / 4.1x faster than SDPA with a cached dense mask at S=1024 / 2048 / 4096, documents
+#: (8) 2.0x / 3.2x / 4.6x; plain causal, which SDPA takes as is_causal, runs ~3x slower through FlexAttention.
 CPU_FLEX_MIN_SCORES = 2048 * 2048
 
 
@@ -163,13 +166,16 @@ def priority(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, ...], st
                 "flex kernels, which skip masked tiles, before SDPA with a dense mask"
             )
         return _GPU_FIXED_FIRST, "plain attention on a GPU: fixed-function kernels (flash-attn, SDPA) first"
-    if masked and not spec.requires_grad and spec.seq_q * spec.seq_kv >= CPU_FLEX_MIN_SCORES:
+    dense = masked and needs_dense_mask(spec)
+    if dense and not spec.requires_grad and spec.seq_q * spec.seq_kv >= CPU_FLEX_MIN_SCORES:
         return _CPU_FLEX_FIRST, (
             f"masked problem of {spec.seq_q}x{spec.seq_kv} on CPU: compiled FlexAttention skips masked tiles and is "
             "several times faster than SDPA's dense masked product (after a ~20 s first compile per shape)"
         )
     why = "CPU: SDPA's kernels first, then plain math"
-    if masked:
+    if masked and not dense:
+        why += "; SDPA takes this mask as is_causal, faster on CPU than compiled FlexAttention"
+    elif masked:
         why += (f"; at {spec.seq_q}x{spec.seq_kv} a dense mask or plain math is cheaper than compiling FlexAttention "
                 "(~20 s first call per shape)" if not spec.requires_grad else "; FlexAttention has no backward on CPU")
     return _CPU_SDPA_FIRST, why

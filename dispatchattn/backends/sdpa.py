@@ -43,7 +43,7 @@ def _leaves(mask: MaskMod) -> list[MaskMod]:
     return mask.parts() if hasattr(mask, "parts") else [mask]
 
 
-def _needs_dense(spec) -> bool:
+def needs_dense_mask(spec) -> bool:
     mask = spec.mask
     plain_causal = isinstance(mask, Causal) and mask.offset == 0 and spec.attn_mask is None and not spec.is_causal
     return spec.score is not None or (mask is not None and not plain_causal)
@@ -73,7 +73,7 @@ class SdpaBackend(Backend):
                 "score_mod_unsupported",
                 f"{what} is not an additive bias, so it cannot be passed to SDPA as a mask",
             ))
-        if _needs_dense(spec):
+        if needs_dense_mask(spec):
             need, budget = dense_bytes(spec), envs.dense_mask_budget_bytes()
             if need > budget:
                 reasons.append(Reason(
@@ -88,7 +88,7 @@ class SdpaBackend(Backend):
         return reasons
 
     def notes(self, spec, caps):
-        if _needs_dense(spec):
+        if needs_dense_mask(spec):
             shape = list(_dense_mask_shape(spec))
             return [f"builds a dense {shape} mask/bias ({dense_bytes(spec) / 2**20:,.2f} MiB) from the mask/score mods"]
         return []
@@ -100,7 +100,7 @@ class SdpaBackend(Backend):
             q, k, v = call.query.transpose(1, 2), call.key.transpose(1, 2), call.value.transpose(1, 2)
         is_causal = call.is_causal
         attn_mask, empty_rows = call.attn_mask, None
-        if _needs_dense(spec) or (is_causal and attn_mask is not None):
+        if needs_dense_mask(spec) or (is_causal and attn_mask is not None):
             attn_mask, empty_rows = _dense_mask(call, spec, q.device, q.dtype)
             is_causal = False
         else:

@@ -172,7 +172,8 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + row,
         KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
-        (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
+        (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV,
+        sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
         HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION)
     if not one_pass:
         acc, l_i, m_i = _fwd_blocks(
@@ -364,8 +365,9 @@ def _bwd_dq_kernel(
     one_pass = _one_pass()
     dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                     KV_NUM + row, KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
-                    (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM,
-                    HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
+                    (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv,
+                    SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
+                    SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
                     ACCUMULATE, DOT_PRECISION)
     if not one_pass:
         dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
