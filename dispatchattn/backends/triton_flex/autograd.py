@@ -161,6 +161,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, generated: codegen
                              "move it to the inputs' device")
 
 
+def prepare_mods(q, k, v, score_mod, mask_mod) -> tuple[Callable | None, Callable | None, codegen.Generated]:
+    """The mods bound to the lengths (``da.masks`` / ``da.scores`` objects), and their generated kernel code
+    checked against the call's tensors."""
+    if isinstance(mask_mod, MaskMod):
+        mask_mod = mask_mod.bind(q.shape[2], k.shape[2])
+    if isinstance(score_mod, ScoreMod):
+        score_mod = score_mod.bind(q.shape[2], k.shape[2])
+    generated = generated_for(score_mod, mask_mod, q.device)
+    _check(q, k, v, generated)
+    return score_mod, mask_mod, generated
+
+
 def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           score_mod: Callable | ScoreMod | None = None, mask_mod: Callable | MaskMod | None = None,
                           scale: float, return_lse: bool = False, fwd_config: TileConfig | None = None,
@@ -172,12 +184,7 @@ def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lengths, or any traceable callable).  Fully-masked rows give 0 and ``lse = -inf``.  Gradients flow to
     q, k, v and to floating captured tensors of the score_mod that require grad.
     """
-    if isinstance(mask_mod, MaskMod):
-        mask_mod = mask_mod.bind(q.shape[2], k.shape[2])
-    if isinstance(score_mod, ScoreMod):
-        score_mod = score_mod.bind(q.shape[2], k.shape[2])
-    generated = generated_for(score_mod, mask_mod, q.device)
-    _check(q, k, v, generated)
+    score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
     vendor = _vendor(q.device)
     fwd_config = fwd_config or heuristic_config("fwd", q.shape[-1], q.dtype, vendor)
     bwd_config = bwd_config or heuristic_config("bwd", q.shape[-1], q.dtype, vendor)

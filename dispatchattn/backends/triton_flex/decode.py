@@ -225,15 +225,9 @@ def decode_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                           num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``autograd.triton_flex_attention``'s contract (no gradient) on the decoding kernels: ``num_splits`` by
     ``decoding_plan`` unless given."""
-    from ...scores import ScoreMod
-    from .autograd import _check, _vendor, generated_for
+    from .autograd import _vendor, prepare_mods
 
-    if isinstance(mask_mod, MaskMod):
-        mask_mod = mask_mod.bind(q.shape[2], k.shape[2])
-    if isinstance(score_mod, ScoreMod):
-        score_mod = score_mod.bind(q.shape[2], k.shape[2])
-    generated = generated_for(score_mod, mask_mod, q.device)
-    _check(q, k, v, generated)
+    score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
     if num_splits is None:
         num_splits = decoding_plan(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], config, caps)[2]
     out, lse = decode_attention(q, k, v, generated, mask_mod, scale, config, num_splits, _vendor(q.device))
