@@ -6,7 +6,7 @@ Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): thi
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETED, LN2, LOG2E, _load_rows
+from .kernels import INTERPRETED, LN2, _load_rows, _online_softmax_step
 
 
 @triton.jit
@@ -49,14 +49,7 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         score = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD, MASK_MOD,
                         HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
-        score2 = score * LOG2E
-        m_new = tl.maximum(m_i, tl.max(score2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(score2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 

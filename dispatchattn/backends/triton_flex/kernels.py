@@ -116,6 +116,20 @@ def _num_tiles(num_ptr, full_num_ptr, ONE_PASS: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION: tl.constexpr):
+    """One kv tile of the online softmax in base 2: rescale the running sum and output to the new row max
+    (0 while a row has seen no key, so fully-masked rows stay 0), then add this tile's ``p @ v``."""
+    score2 = score * LOG2E
+    m_new = tl.maximum(m_i, tl.max(score2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(score2 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                 num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
                 B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,14 +147,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_v
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
-        score2 = score * LOG2E
-        m_new = tl.maximum(m_i, tl.max(score2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(score2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
