@@ -45,10 +45,18 @@ def test_json_output_and_check_exit_status(capsys):
 
 
 def test_forced_config_is_compiled_as_given(capsys):
-    args = _parse("--target", "gfx942", "--kernel", "bwd_preprocess", "--config", "32,32,4,1")
+    args = _parse("--target", "gfx942", "--kernel", "fwd", "--config", "32,32,4,1")
     assert aot.run_aot(args) == 0
     table = capsys.readouterr().out
-    assert "gfx942" in table and "32x32 w4 s1" in table and "bwd_preprocess" in table
+    assert "gfx942" in table and "32x32 w4 s1" in table and " fwd " in table
+
+
+def test_backward_pre_pass_always_compiles_with_its_own_config(capsys):
+    """The pre-pass (a row reduction) runs with kernels.PREPROCESS_CONFIG whatever the backward's tiles."""
+    args = _parse("--target", "sm_80", "--kernel", "bwd_preprocess", "--dtype", "fp16", "--config", "64,64,8,2")
+    assert aot.run_aot(args) == 0
+    table = capsys.readouterr().out
+    assert "32x64 w4 s1" in table and "64x64 w8" not in table
 
 
 def doubled_score(score, b, h, q_idx, kv_idx):

@@ -292,6 +292,8 @@ def make_job(
     if kernel in decode.KERNELS:  # the split-KV decoding launches (decode.py); the reduction runs its own config
         entry, config = decode.aot_entry, decode.launch_config(kernel, config)
         flags.pop("accumulate", None), flags.pop("has_dlse", None)
+    elif kernel == "bwd_preprocess":  # launched with its own config, whatever the backward's tiles
+        config = kernels.PREPROCESS_CONFIG
     jit_fn, signature, constexprs = entry(
         kernel, generated, torch_dtype, head_dim, head_dim_v, config, **flags
     )

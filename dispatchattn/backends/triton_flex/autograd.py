@@ -20,7 +20,15 @@ from ...masks import MaskMod
 from ...scores import ScoreMod
 from . import codegen
 from .block_mask import BlockMask, build_block_mask
-from .kernels import MAX_BUFFERS, buffer_slots, dkdv_launch, dq_launch, fwd_launch, preprocess_launch
+from .kernels import (
+    MAX_BUFFERS,
+    PREPROCESS_CONFIG,
+    buffer_slots,
+    dkdv_launch,
+    dq_launch,
+    fwd_launch,
+    preprocess_launch,
+)
 
 __all__ = ["triton_flex_attention", "flex_forward", "flex_backward", "heuristic_config", "generated_for"]
 
@@ -103,7 +111,7 @@ def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, b
     """(dq, dk, dv, *grads of the captured tensors in ``generated.grad_slots``); ``dlse`` may be None."""
     vendor = _vendor(q.device)
     delta = torch.empty_like(lse)
-    preprocess_launch(out, dout, dlse, delta, config.block_m).run(config, vendor)
+    preprocess_launch(out, dout, dlse, delta).run(PREPROCESS_CONFIG, vendor)
     buffers = _slots(generated, buffers, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, _q_lists(block_mask), scale, generated,

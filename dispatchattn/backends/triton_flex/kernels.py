@@ -454,7 +454,13 @@ def fwd_launch(q, k, v, out, lse, buffers, lists, scale, generated, config: Tile
     return Launch("fwd", args, constexprs, (triton.cdiv(seq_q, config.block_m), batch, heads))
 
 
-def preprocess_launch(out, dout, dlse, delta, block_m: int = 64) -> Launch:
+#: The backward pre-pass is a row reduction with no tile search of its own: one launch config for every problem.
+#: Under the backward's tile config it spilled on some targets (fp16, 64x64 w8: 8-16 B of local memory on
+#: sm_80/86/89); 32 rows x 4 warps compiles without spills for fp16/bf16/fp32, D 64/128/256, on every AOT target.
+PREPROCESS_CONFIG = TileConfig(32, 64, num_warps=4, num_stages=1)
+
+
+def preprocess_launch(out, dout, dlse, delta, block_m: int = PREPROCESS_CONFIG.block_m) -> Launch:
     batch, heads, seq_q, dim_v = out.shape
     args = [out, dout, dlse if dlse is not None else delta, delta, *out.stride(), *dout.stride(), seq_q]
     constexprs = {"HEAD_DIM_V": dim_v, "DV_PAD": padded(dim_v), "BLOCK_M": block_m, "HAS_DLSE": dlse is not None}
@@ -537,7 +543,7 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
     accumulate = bool(generated.grad_slots) if accumulate is None else accumulate
     launch = {
         "fwd": lambda: fwd_launch(q, k, v, out, rows, buffers, lists, 1.0, generated, config, write_lse),
-        "bwd_preprocess": lambda: preprocess_launch(out, out, rows if has_dlse else None, rows, config.block_m),
+        "bwd_preprocess": lambda: preprocess_launch(out, out, rows if has_dlse else None, rows),
         "bwd_dkdv": lambda: dkdv_launch(q, k, v, out, rows, rows, k, v, buffers, lists, 1.0, generated, config),
         "bwd_dq": lambda: dq_launch(q, k, v, out, rows, rows, q, buffers, grads, lists, 1.0, generated, config,
                                     accumulate),
