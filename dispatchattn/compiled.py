@@ -18,10 +18,12 @@ sequence length), so the sizes of the attention inputs are specialised: one grap
 from __future__ import annotations
 
 import torch
+from torch import Tensor, is_grad_enabled  # traced code reads these names, not ``torch``: fewer guards
 
-from . import capabilities, envs
+from . import capabilities
 from . import explain as _explain
 from .backends import get_backend
+from .envs import explain_level, traced_raw  # by name: reaching the module two ways adds a slow guard
 from .masks import MaskMod
 from .scores import ScoreMod
 from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
@@ -30,7 +32,7 @@ from .spec import build_spec
 
 def _static_tensor(t):
     """(shape as ints, dtype, device, requires_grad) of a tensor, read in traced code (sizes specialised)."""
-    if t is None or not isinstance(t, torch.Tensor):
+    if t is None or not isinstance(t, Tensor):
         return t
     # len(range(size)) makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
     return (tuple(len(range(size)) for size in t.shape), t.dtype, t.device, t.requires_grad)
@@ -50,7 +52,7 @@ def _static_mod(mod):
     in traced code: an object made inside the compiled region has no real counterpart at trace time."""
     if isinstance(mod, (MaskMod, ScoreMod)):
         return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
-    if isinstance(mod, torch.Tensor):
+    if isinstance(mod, Tensor):
         return ("tensor", _static_tensor(mod))
     if mod is None or not callable(mod):
         return mod  # validation at trace time says what is wrong with it
@@ -157,17 +159,18 @@ def traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                   layout, return_lse, backend) -> tuple:
     """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time.
     Returns ``(spec, decision, backend, score_mod, mask_mod)``, the mods bound to the sequence lengths."""
+    explain_raw, backend_env = traced_raw()
     if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
         policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
     else:  # backend= or the environment (dynamo guards the os.environ read)
-        policy = ("call", _realized(backend), envs.backend_raw())
-    level = envs.explain_level()
+        policy = ("call", _realized(backend), backend_env)
+    level = explain_level(explain_raw)
     override = capabilities._override[-1] if capabilities._override else None
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
     mods = _static_mod(score_mod), _static_mod(mask_mod)
     name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
-                         torch.is_grad_enabled(), level, override)
+                         is_grad_enabled(), level, override)
     spec, decision, runner = getattr(DECIDED, name)
     # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
     mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod

@@ -2,7 +2,7 @@
 
 Values are read on each call, so tests and users can change them at run time.  While torch.compile traces,
 they are read with ``os.environ.get`` (dynamo guards ``os.environ``); the two read by every warm eager call
-go through ``_per_call`` below.
+come from ``eager_raw`` below.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ FLASH_TRITON_AMD = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
 
 # ``os.environ.get`` costs ~1 us (the key is encoded through the Mapping ABC on every read), a third of the
 # dispatch budget of a warm call; ``os.environ``'s backing dict with the key encoded once costs ~0.1 us.
+# Traced code must not read that dict (dynamo guards ``os.environ`` itself), so these readers check.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENCODED = {}
 
@@ -38,13 +39,33 @@ def _per_call(name: str) -> str:
     return "" if raw is None else os.environ.decodevalue(raw)
 
 
+if _ENVIRON_DATA is not None:
+    _EAGER_KEYS = (os.environ.encodekey(EXPLAIN), os.environ.encodekey(BACKEND))
+
+    def eager_raw() -> tuple[object, object]:
+        """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND) as stored (None when unset), for the warm eager call
+        only: ~0.2 us for both.  The values are opaque tokens; parse them with ``explain_level`` and
+        ``backend_raw``."""
+        data = _ENVIRON_DATA
+        return data.get(_EAGER_KEYS[0]), data.get(_EAGER_KEYS[1])
+else:  # pragma: no cover - a platform whose os.environ has no backing dict
+    def eager_raw() -> tuple[object, object]:
+        return os.environ.get(EXPLAIN), os.environ.get(BACKEND)
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def explain_level() -> int:
-    """0: silent, 1: log each distinct decision once, 2: log every call."""
-    raw = _per_call(EXPLAIN).strip()
+def traced_raw() -> tuple[str, str]:
+    """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND), "" when unset, for code torch.compile traces: read through
+    ``os.environ``, which dynamo guards, and touching nothing else (each other object read adds guards)."""
+    return os.environ.get(EXPLAIN, ""), os.environ.get(BACKEND, "")
+
+
+def explain_level(raw: str | None = None) -> int:
+    """0: silent, 1: log each distinct decision once, 2: log every call (``raw``: the value already read)."""
+    raw = (_per_call(EXPLAIN) if raw is None else raw).strip()
     if not raw:
         return 0
     try:

@@ -145,6 +145,66 @@ def test_warm_call_does_not_reselect(monkeypatch):
     assert len(calls) == 1
 
 
+def _reference(q, k, v, is_causal):
+    """float64 softmax(q k^T / sqrt(d)) v, top-left causal when asked."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_warm_path_alternating_signatures_give_each_its_own_answer():
+    gen = torch.Generator().manual_seed(1)
+    small = [torch.randn(1, 2, 9, 16, generator=gen) for _ in range(3)]
+    large = [torch.randn(2, 2, 33, 16, generator=gen) for _ in range(3)]
+    for _ in range(3):  # each call evicts the other from the one-entry fast check
+        for qkv, causal in ((small, True), (large, False), (small, False), (large, True)):
+            out = da.attention(*qkv, is_causal=causal)
+            torch.testing.assert_close(out.double(), _reference(*qkv, causal), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("bad, argument", [
+    ({"key": "float64"}, "key"),
+    ({"value": "short"}, "value"),
+    ({"value": "meta"}, "value"),
+    ({"scale": torch.tensor([1.0, 2.0])}, "scale"),
+    ({"dropout_p": 1.5}, "dropout_p"),
+])
+def test_warm_path_still_validates_every_call(bad, argument):
+    q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))
+    for _ in range(2):
+        da.attention(q, k, v, scale=0.25)  # warm: this signature is memoised and is the latest
+    kwargs = {"key": k, "value": v, "scale": 0.25}
+    if bad.get("key") == "float64":
+        kwargs["key"] = k.double()
+    elif bad.get("value") == "short":
+        kwargs["value"] = v[:, :, :8]
+    elif bad.get("value") == "meta":
+        kwargs["value"] = v.to("meta")
+    else:
+        kwargs.update(bad)
+    with pytest.raises((TypeError, ValueError), match=argument):
+        da.attention(q, **kwargs)
+
+
+def test_warm_path_follows_policy_changes(monkeypatch, caplog):
+    q = torch.randn(1, 2, 16, 32)
+    monkeypatch.setenv("DISPATCHATTN_EXPLAIN", "2")
+    ran = []
+    for setting in ("", "reference", ""):
+        monkeypatch.setenv("DISPATCHATTN_BACKEND", setting)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dispatchattn"):
+            da.attention(q, q, q, is_causal=True)
+        ran.append(caplog.records[-1].getMessage().split()[1])
+    with da.use_backends("reference"), caplog.at_level("INFO", logger="dispatchattn"):
+        da.attention(q, q, q, is_causal=True)
+    ran.append(caplog.records[-1].getMessage().split()[1])
+    assert ran == ["sdpa", "reference", "sdpa", "reference"]
+
+
 def test_decision_is_data():
     q = torch.randn(1, 2, 16, 32)
     decision = da.explain(q, q, q, mask_mod=da.masks.causal())

@@ -142,6 +142,12 @@ class Backend:
         """Facts worth saying about a chosen backend (first-call compile cost, bytes of a dense mask...)."""
         return []
 
+    def direct(self, spec: AttentionSpec, config: Any = None) -> Callable | None:
+        """A function ``(query, key, value) -> out`` computing exactly the calls of ``spec`` with nothing
+        left to decide per call, or None.  The warm eager call (memoised per signature, which fixes every
+        non-tensor argument) uses it instead of building an ``AttentionCall`` for ``run``."""
+        return None
+
     def run(self, call: AttentionCall, spec: AttentionSpec, config: Any = None):
         """Compute the attention: returns ``(out, lse)`` with ``out`` in the call's layout and ``lse``
         (B, Hq, Sq) float32 natural log when ``call.return_lse``, else None."""
