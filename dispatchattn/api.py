@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.compiler import is_compiling  # by name: traced code reads fewer objects (guards)
 
 from . import capabilities, envs
 from . import explain as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
-from .compiled import traced_decide
+from .compiled import traced_attention
 from .selector import Decision, _context_policies, current_policy, select_cached
 from .spec import AttentionSpec, build_spec
 
@@ -75,12 +76,9 @@ def attention(
     >>> da.attention(q, k, v, mask_mod=da.masks.causal()).shape
     torch.Size([1, 2, 16, 32])
     """
-    if torch.compiler.is_compiling():  # decided at trace time, explained there (see compiled.py)
-        spec, decision, runner, score, mask = traced_decide(query, key, value, attn_mask, dropout_p, is_causal,
-                                                            scale, enable_gqa, score_mod, mask_mod, layout,
-                                                            return_lse, backend)
-        return _run(runner, spec, decision, score, mask, query, key, value, attn_mask, scale, is_causal,
-                    enable_gqa, return_lse, layout)
+    if is_compiling():  # decided at trace time, explained there (see compiled.py)
+        return traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
+                                mask_mod, layout, return_lse, backend)
     global _LAST
     explain_env, backend_env = envs.eager_raw()
     try:
@@ -112,21 +110,9 @@ def attention(
             _explain.report(str(decision), level)
     if direct is not None:
         return direct(query, key, value)
-    # As in _run, inline and positional (in field order): keywords cost ~1 us on the warm eager path.
+    # Inline and positional (in field order): keywords cost ~1 us on the warm eager path.
     call = AttentionCall(query, key, value, attn_mask, spec.mask, spec.score, resolved_scale, spec.dropout_p,
                          is_causal, enable_gqa, return_lse, layout)
-    out, lse = runner.run(call, spec, decision.config)
-    return (out, lse) if return_lse else out
-
-
-def _run(runner, spec, decision, score_mod, mask_mod, query, key, value, attn_mask, scale, is_causal, enable_gqa,
-         return_lse, layout):
-    """Run ``runner`` (the chosen backend) on a traced call, with the caller's mods bound to the lengths."""
-    call = AttentionCall(
-        query=query, key=key, value=value, attn_mask=attn_mask, mask_mod=mask_mod, score_mod=score_mod,
-        scale=scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), dropout_p=spec.dropout_p,
-        is_causal=is_causal, enable_gqa=enable_gqa, return_lse=return_lse, layout=layout,
-    )
     out, lse = runner.run(call, spec, decision.config)
     return (out, lse) if return_lse else out
 

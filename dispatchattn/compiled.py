@@ -17,12 +17,16 @@ sequence length), so the sizes of the attention inputs are specialised: one grap
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, is_grad_enabled  # traced code reads these names, not ``torch``: fewer guards
 
 from . import capabilities
 from . import explain as _explain
 from .backends import get_backend
+from .backends.base import AttentionCall
+from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
 from .envs import explain_level, traced_raw  # by name: reaching the module two ways adds a slow guard
 from .masks import MaskMod
 from .scores import ScoreMod
@@ -95,11 +99,12 @@ DECIDED = _Decided()
 
 @torch.compiler.assume_constant_result
 def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, policy: tuple, grad_enabled: bool, explain_level: int,
+                  layout, return_lse, policy: tuple, grad_enabled: bool, explain_raw: str,
                   caps_override) -> str:
     """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
-    ``DECIDED`` of ``(spec, decision, backend)``: dynamo cannot guard attributes of a constant result, so the
-    objects are read from that module-level holder in traced code (guarded by identity, never changed)."""
+    ``DECIDED`` of ``(spec, decision, backend, the backend's direct function or None)``: dynamo cannot guard
+    attributes of a constant result, so the objects are read from that module-level holder in traced code
+    (guarded by identity, never changed)."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
     score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
     with torch.set_grad_enabled(grad_enabled):
@@ -111,10 +116,12 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
         decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
-    if explain_level:  # reported when traced: once per graph, whatever the level
-        _explain.report(str(decision), explain_level)
+    level = explain_level(explain_raw)
+    if level:  # reported when traced: once per graph, whatever the level
+        _explain.report(str(decision), level)
+    direct = runner.direct(spec, decision.config) if hasattr(runner, "direct") else None
     name = f"d{DECIDED.count}"
-    setattr(DECIDED, name, (spec, decision, runner))
+    setattr(DECIDED, name, (spec, decision, runner, direct))
     DECIDED.count += 1
     return name
 
@@ -155,24 +162,34 @@ def _realized(value):
     return value
 
 
-def traced_decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, backend) -> tuple:
-    """The compiling branch of ``attention``: reads what dynamo must guard, then decides at trace time.
-    Returns ``(spec, decision, backend, score_mod, mask_mod)``, the mods bound to the sequence lengths."""
+def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
+                     layout, return_lse, backend):
+    """The compiling branch of ``attention``: reads what dynamo must guard, decides at trace time, then runs the
+    chosen backend, traced, on the caller's tensors and mods.
+
+    Every object read here becomes a guard that dynamo checks on each call of the compiled function (~0.1 us
+    each on a slow CPU), so this reads as little as it can: names imported directly rather than through
+    modules, a backend's ``direct`` function when it has one rather than the spec's attributes."""
     explain_raw, backend_env = traced_raw()
     if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
         policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
     else:  # backend= or the environment (dynamo guards the os.environ read)
         policy = ("call", _realized(backend), backend_env)
-    level = explain_level(explain_raw)
-    override = capabilities._override[-1] if capabilities._override else None
+    override = _caps_override[-1] if _caps_override else None
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
-    mods = _static_mod(score_mod), _static_mod(mask_mod)
+    mods = (score_mod, mask_mod) if score_mod is None and mask_mod is None else (_static_mod(score_mod),
+                                                                                  _static_mod(mask_mod))
     name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
-                         is_grad_enabled(), level, override)
-    spec, decision, runner = getattr(DECIDED, name)
+                         is_grad_enabled(), explain_raw, override)
+    spec, decision, runner, direct = getattr(DECIDED, name)
+    if direct is not None:
+        return direct(query, key, value)
     # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
     mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod
     score = score_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(score_mod, ScoreMod) else score_mod
-    return spec, decision, runner, score, mask
+    call = AttentionCall(query, key, value, attn_mask, mask, score,
+                         scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), spec.dropout_p, is_causal,
+                         enable_gqa, return_lse, layout)
+    out, lse = runner.run(call, spec, decision.config)
+    return (out, lse) if return_lse else out

@@ -60,7 +60,8 @@ def _truthy(value: str | None) -> bool:
 def traced_raw() -> tuple[str, str]:
     """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND), "" when unset, for code torch.compile traces: read through
     ``os.environ``, which dynamo guards, and touching nothing else (each other object read adds guards)."""
-    return os.environ.get(EXPLAIN, ""), os.environ.get(BACKEND, "")
+    # Literals, not EXPLAIN / BACKEND: dynamo guards a module constant it reads, not a literal.
+    return os.environ.get("DISPATCHATTN_EXPLAIN", ""), os.environ.get("DISPATCHATTN_BACKEND", "")
 
 
 def explain_level(raw: str | None = None) -> int:

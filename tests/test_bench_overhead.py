@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,16 @@ def test_eager_record(overhead):
     assert record["dispatchattn_us"] > 0 and record["sdpa_us"] > 0
     assert record["ratio"] == pytest.approx(record["dispatchattn_us"] / record["sdpa_us"])
     assert record["added_us"] == pytest.approx(record["dispatchattn_us"] - record["sdpa_us"])
+    q1, q3 = record["paired_ratio_quartiles"]
+    assert record["rounds"] == 3 and q1 <= record["paired_ratio_median"] <= q3
+
+
+def test_floor_record(overhead):
+    record = overhead.measure_floor(shape=(1, 2, 16, 8), rounds=3, inner=5)
+    assert record["benchmark"].startswith("metadata floor") and record["ours_label"] != "da.attention"
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))  # the wrapper computes what SDPA computes
+    torch.testing.assert_close(overhead._metadata_floor(q, k, v, is_causal=True),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_compiled_record(overhead):
