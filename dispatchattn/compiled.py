@@ -127,7 +127,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
 
 
 def _policy(settings: tuple) -> Policy:
-    """The Policy from ``traced_decide``'s constants: ("context", allowed, source) for a use_backends block,
+    """The Policy from ``traced_attention``'s constants: ("context", allowed, source) for a use_backends block,
     else ("call", backend, DISPATCHATTN_BACKEND value) resolved by ``current_policy`` (run here, not traced)."""
     if settings[0] == "context":
         return Policy(settings[1], settings[2])
@@ -141,8 +141,12 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
 
     backend = get_backend("triton_flex")
     try:
+        if spec.mask is _opaque_mask or spec.score is _opaque_score:
+            # The plan generates the kernel from the mods at trace time, where a user's function is known only
+            # as "some function" (it may close over traced tensors, so it cannot be made a constant).
+            raise ValueError("a user function mod is planned only in eager mode (it is opaque at trace time)")
         bwd_config = backend._config("bwd", spec, caps)[0]
-        return decision, ops.plan(spec, spec.score, spec.mask, decision.config, bwd_config, device)
+        return decision, ops.plan(spec, spec.score, spec.mask, decision.config, bwd_config, device, caps)
     except ValueError as error:
         why = f"inside torch.compile triton_flex runs through its custom ops, which cannot run this call: {error}"
     if policy.allowed == ("triton_flex",):

@@ -55,13 +55,11 @@ def _device(spec: AttentionSpec) -> str:
 
 
 def decoding(spec: AttentionSpec) -> bool:
-    """Whether the split-KV decoding kernel (``decode.py``) runs ``spec``: few query rows, no gradient, not
-    while ``torch.compile`` traces (compiled graphs call the forward kernel's custom op, ``ops.py``)."""
+    """Whether the split-KV decoding kernel (``decode.py``) runs ``spec``: few query rows, no gradient (compiled
+    graphs call it through its custom op, ``ops.triton_flex_decode``)."""
     from .decode import MAX_DECODE_SEQ_Q
 
-    if spec.seq_q > MAX_DECODE_SEQ_Q or spec.requires_grad or spec.mods_need_grad:
-        return False
-    return not torch.compiler.is_compiling()
+    return spec.seq_q <= MAX_DECODE_SEQ_Q and not (spec.requires_grad or spec.mods_need_grad)
 
 
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:

@@ -199,15 +199,14 @@ def launch_config(kernel: str, config: TileConfig) -> TileConfig:
     return config
 
 
-def decode_attention(q, k, v, generated, mask_mod, scale: float, config: TileConfig, num_splits: int,
+def decode_attention(q, k, v, generated, lists: GroupLists, scale: float, config: TileConfig, num_splits: int,
                      vendor: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run both decoding launches: (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) fp32 natural log)."""
+    """Run both decoding launches over ``lists`` (``group_lists`` at ``config.block_n``): (out (B, Hq, Sq, Dv)
+    in q's dtype, lse (B, Hq, Sq) fp32 natural log)."""
     from .autograd import _out_like
 
     batch, heads, seq_q, _ = q.shape
     dim_v = v.shape[-1]
-    lists = group_lists(mask_mod, batch=batch, heads_q=heads, heads_kv=k.shape[1], seq_q=seq_q,
-                        seq_kv=k.shape[2], block_n=config.block_n, device=q.device)
     out_part = torch.empty(num_splits, batch, heads, seq_q, dim_v, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(num_splits, batch, heads, seq_q, dtype=torch.float32, device=q.device)
     buffers = buffer_slots(generated, q.device)
@@ -230,7 +229,9 @@ def decode_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
     if num_splits is None:
         num_splits = decoding_plan(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], config, caps)[2]
-    out, lse = decode_attention(q, k, v, generated, mask_mod, scale, config, num_splits, _vendor(q.device))
+    lists = group_lists(mask_mod, batch=q.shape[0], heads_q=q.shape[1], heads_kv=k.shape[1], seq_q=q.shape[2],
+                        seq_kv=k.shape[2], block_n=config.block_n, device=q.device)
+    out, lse = decode_attention(q, k, v, generated, lists, scale, config, num_splits, _vendor(q.device))
     return out, (lse if return_lse else None)
 
 

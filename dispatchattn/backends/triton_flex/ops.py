@@ -9,6 +9,9 @@ its index tensors.  Tile configs travel as lists of ints (``TileConfig`` fields 
 - ``dispatchattn::triton_flex_fwd(q, k, v, kv_lists, kernel_key, scale, config) -> (out, lse)``
 - ``dispatchattn::triton_flex_bwd(q, k, v, out, lse, dout, q_lists, kv_lists, kernel_key, scale, config)
   -> (dq, dk, dv)``
+- ``dispatchattn::triton_flex_decode(q, k, v, group_lists, kernel_key, scale, config, num_splits) -> (out, lse)``:
+  the split-KV decoding kernels (``decode.py``) for calls with few query rows and no gradient (no autograd
+  formula: a call that needs one is planned on the forward op instead).
 
 Only mods that capture no tensors are supported here (their kernel is a pure function of the key).
 """
@@ -22,7 +25,7 @@ import torch
 from ...autotune_cache.config import TileConfig
 from .block_mask import BlockMask
 
-__all__ = ["triton_flex_fwd", "triton_flex_bwd", "config_list", "lists_of"]
+__all__ = ["triton_flex_fwd", "triton_flex_bwd", "triton_flex_decode", "config_list", "lists_of"]
 
 
 def config_list(config: TileConfig) -> list[int]:
@@ -114,6 +117,26 @@ def _backward(ctx, dout, dlse):
 triton_flex_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("dispatchattn::triton_flex_decode", mutates_args=())
+def triton_flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_lists: list[torch.Tensor],
+                       kernel_key: str, scale: float, config: list[int],
+                       num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding kernels: ``group_lists`` = ``decode.GroupLists`` fields at ``config``'s BLOCK_N."""
+    from .autograd import _vendor
+    from .decode import GroupLists, decode_attention
+
+    out, lse = decode_attention(q, k, v, _generated(kernel_key), GroupLists(*group_lists), scale, TileConfig(*config),
+                                num_splits, _vendor(q.device))
+    return out.contiguous(), lse
+
+
+@triton_flex_decode.register_fake
+def _(q, k, v, group_lists, kernel_key, scale, config, num_splits):
+    batch, heads, seq_q, _ = q.shape
+    out = q.new_empty(batch, heads, seq_q, v.shape[-1])
+    return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+
+
 class Plan:
     """What a compiled graph needs to call the ops: kernel key, configs and block-mask tensors, made at trace time."""
 
@@ -129,12 +152,28 @@ class Plan:
         return call.from_bhsd(out), (lse if call.return_lse else None)
 
 
-def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig, device) -> Plan:
-    """The trace-time plan for ``spec`` (mods bound to the lengths).  Raises ValueError when the ops cannot run it:
-    a dense ``attn_mask`` or mods that capture tensors (their values may change between calls)."""
+class DecodePlan:
+    """What a compiled graph needs to call the decoding op: kernel key, config, split count and kv lists."""
+
+    def __init__(self, kernel_key: str, config: TileConfig, num_splits: int, group_lists):
+        self.kernel_key, self.config, self.num_splits = kernel_key, config_list(config), num_splits
+        self.group_lists = list(group_lists.as_tuple())
+
+    def run(self, call, spec, config=None):
+        q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
+        out, lse = triton_flex_decode(q, k, v, self.group_lists, self.kernel_key, call.scale, self.config,
+                                      self.num_splits)
+        return call.from_bhsd(out), (lse if call.return_lse else None)
+
+
+def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig, device,
+         caps=None) -> Plan | DecodePlan:
+    """The trace-time plan for ``spec`` (mods bound to the lengths): the decoding op when ``backend.decoding``
+    says so (``fwd_config`` is then the decoding config), else the forward op.  Raises ValueError when the ops
+    cannot run it: a dense ``attn_mask`` or mods that capture tensors (their values may change between calls)."""
     from ...masks import Causal
     from . import codegen
-    from .backend import _and
+    from .backend import _and, decoding
     from .block_mask import build_block_mask
 
     if spec.attn_mask is not None:
@@ -144,6 +183,14 @@ def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConf
     generated = codegen.generate(score_mod, mask_mod, device)
     if generated.buffers:
         raise ValueError(f"the mods capture {len(generated.buffers)} tensor(s)")
+    if caps is not None and decoding(spec):
+        from .decode import decoding_plan, group_lists
+
+        lists = group_lists(mask_mod, batch=spec.batch, heads_q=spec.heads_q, heads_kv=spec.heads_kv,
+                            seq_q=spec.seq_q, seq_kv=spec.seq_kv, block_n=fwd_config.block_n, device=device)
+        num_splits = decoding_plan(spec.batch, spec.heads_q, spec.heads_kv, spec.seq_q, spec.seq_kv, fwd_config,
+                                   caps)[2]
+        return DecodePlan(generated.key, fwd_config, num_splits, lists)
     shape = dict(batch=spec.batch, heads=spec.heads_q, seq_q=spec.seq_q, seq_kv=spec.seq_kv, device=device)
     fwd = build_block_mask(mask_mod, block_m=fwd_config.block_m, block_n=fwd_config.block_n, **shape)
     bwd = build_block_mask(mask_mod, block_m=bwd_config.block_m, block_n=bwd_config.block_n, **shape)
