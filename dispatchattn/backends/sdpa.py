@@ -55,6 +55,19 @@ def dense_bytes(spec) -> int:
     return b * h * sq * sk * element
 
 
+def _non_defaults(spec) -> dict:
+    """The SDPA keywords (but ``is_causal`` and ``attn_mask``) whose value for ``spec`` is not SDPA's default:
+    only those are passed, since each keyword costs time on the warm path."""
+    kwargs = {}
+    if spec.heads_q != spec.heads_kv:
+        kwargs["enable_gqa"] = True
+    if spec.scale is not None:
+        kwargs["scale"] = spec.scale
+    if spec.dropout_p:
+        kwargs["dropout_p"] = spec.dropout_p
+    return kwargs
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
     SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm", "mps", "xpu"})
@@ -98,18 +111,12 @@ class SdpaBackend(Backend):
         # call), no dense mask to build, no transpose, no lse.
         if spec.layout != "bhsd" or spec.attn_mask is not None or spec.return_lse or needs_dense_mask(spec):
             return None
-        kwargs = {"is_causal": spec.is_causal or isinstance(spec.mask, Causal)}
-        if spec.heads_q != spec.heads_kv:
-            kwargs["enable_gqa"] = True
-        if spec.scale is not None:
-            kwargs["scale"] = spec.scale
-        if spec.dropout_p:
-            kwargs["dropout_p"] = spec.dropout_p
+        kwargs = _non_defaults(spec)
+        is_causal = spec.is_causal or isinstance(spec.mask, Causal)
         sdpa = F.scaled_dot_product_attention
-        if len(kwargs) == 1:  # the common case, without unpacking keywords on each call (~0.3 us)
-            is_causal = kwargs["is_causal"]
+        if not kwargs:  # the common case, without unpacking keywords on each call (~0.3 us)
             return lambda query, key, value: sdpa(query, key, value, is_causal=is_causal)
-        return lambda query, key, value: sdpa(query, key, value, **kwargs)
+        return lambda query, key, value: sdpa(query, key, value, is_causal=is_causal, **kwargs)
 
     def run(self, call: AttentionCall, spec, config=None):
         if call.layout == "bhsd":
@@ -125,14 +132,7 @@ class SdpaBackend(Backend):
             is_causal = is_causal or isinstance(call.mask_mod, Causal)
             if attn_mask is not None:
                 empty_rows = _empty_rows(attn_mask)
-        # Only what differs from SDPA's defaults is passed: each keyword costs time on the warm path.
-        kwargs = {}
-        if spec.heads_q != spec.heads_kv:
-            kwargs["enable_gqa"] = True
-        if spec.scale is not None:
-            kwargs["scale"] = spec.scale
-        if call.dropout_p:
-            kwargs["dropout_p"] = call.dropout_p
+        kwargs = _non_defaults(spec)
         if attn_mask is not None:
             kwargs["attn_mask"] = attn_mask
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **kwargs)
