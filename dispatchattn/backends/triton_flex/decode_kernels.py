@@ -6,24 +6,32 @@ Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): thi
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETED, LN2, _load_rows, _online_softmax_step
+from .kernels import INTERPRETED, LN2, _load_cols, _load_rows, _one_pass, _online_softmax_step
 
 
 @triton.jit
-def _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3,
+def _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked,
             SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
     """(modded scores with -inf where not kept) of one tile: the forward kernel's ``kernels._scores`` (same
     calls of the generated mods, ``q_idx`` = the query's index 0..Sq-1), with ``h`` a column of q heads (one per
-    row).  A copy, so that changes of the forward kernel's helper signature do not reach this kernel unseen."""
-    raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    row).  A copy, so that changes of the forward kernel's helper signature do not reach this kernel unseen.
+    ``masked``: constexpr ``True``, or in a one-pass loop whether (at run time) the tile is a masked one.
+    ``K_T``: ``k`` is the transposed tile (D x BLOCK_N), loaded through transposed pointers."""
+    if K_T:
+        raw = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
+    else:
+        raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     q_idx = q_pos[:, None]
     kv_idx = offs_n[None, :]
     score = raw
     if HAS_SCORE_MOD:
         score = SCORE_MOD(raw, b, h, q_idx, kv_idx, B0, B1, B2, B3)
     if APPLY_MASK:
-        keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+        if masked:
+            keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+        else:
+            keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
     elif CHECK_BOUNDS:
         keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
     else:
@@ -32,23 +40,47 @@ def _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3,
 
 
 @triton.jit
-def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                   num_ptr, idx_ptr, split, NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale,
-                   B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-                   APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over this split's contiguous share of the kv tiles listed at ``idx_ptr``."""
+def _split_share(num_ptr, split, NUM_SPLITS):
+    """(first, count) of this split's contiguous share of the ``num_ptr`` tiles of a list."""
     num_blocks = tl.load(num_ptr)
     per_split = tl.cdiv(num_blocks, NUM_SPLITS)
     first = split * per_split
-    last = tl.minimum(first + per_split, num_blocks)
-    for i in range(first, last):
-        kv_tile = tl.load(idx_ptr + i)
+    return first, tl.maximum(tl.minimum(first + per_split, num_blocks) - first, 0)
+
+
+@triton.jit
+def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                   num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, split, NUM_SPLITS, b, h, q_pos, offs_d, offs_dv,
+                   SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+                   HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+                   ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over this split's contiguous share of the kv tiles listed at ``idx_ptr``, then, if
+    ``ONE_PASS`` (RDNA3, as ``kernels._one_pass``), in the same loop over its share of those at ``full_idx_ptr``."""
+    if ONE_PASS:
+        first, num_masked = _split_share(num_ptr, split, NUM_SPLITS)
+        full_first, num_full = _split_share(full_num_ptr, split, NUM_SPLITS)
+        start, stop = 0, num_masked + num_full
+    else:
+        num_blocks = tl.load(num_ptr)
+        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+        start = split * per_split
+        stop = tl.minimum(start + per_split, num_blocks)
+        first, num_masked, full_first = start, stop, start  # unused outside a one-pass loop
+    for i in range(start, stop):
+        masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
+        if ONE_PASS:
+            kv_tile = tl.load(tl.where(masked, idx_ptr + first, full_idx_ptr + full_first - num_masked) + i)
+        else:
+            kv_tile = tl.load(idx_ptr + i)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        if ONE_PASS:  # RDNA3: K through transposed pointers, no tl.trans in registers (as kernels._fwd_blocks)
+            k = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        else:
+            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        score = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, SCORE_MOD, MASK_MOD,
-                        HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
+        score = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD, MASK_MOD,
+                        HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, ONE_PASS)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -87,16 +119,19 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     lists = b * mask_stride_z + h_kv * mask_stride_h
     h = h_row[:, None]
+    one_pass: tl.constexpr = _one_pass()
     acc, l_i, m_i = _decode_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + lists,
-        KV_IDX + lists * NUM_KV_TILES, split, NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale,
-        B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, True, True,
-        DOT_PRECISION)
-    acc, l_i, m_i = _decode_blocks(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + lists,
-        FULL_KV_IDX + lists * NUM_KV_TILES, split, NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale,
-        B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N,
-        DOT_PRECISION)
+        KV_IDX + lists * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + lists,
+        (FULL_KV_IDX if one_pass else KV_IDX) + lists * NUM_KV_TILES, split, NUM_SPLITS, b, h, q_pos, offs_d,
+        offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD,
+        True, True, one_pass, DOT_PRECISION)
+    if not one_pass:
+        acc, l_i, m_i = _decode_blocks(
+            acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + lists,
+            FULL_KV_IDX + lists * NUM_KV_TILES, FULL_KV_NUM + lists, FULL_KV_IDX + lists * NUM_KV_TILES, split,
+            NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+            SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))

@@ -51,6 +51,12 @@ else:
         loop-invariant operands live and every tile config spills (fwd D=128 16x16 w2: 65 spills).  One loop
         with a uniform branch for the mask fits.  NVIDIA (sm_80 spills, sm_90 +19..35 registers) and CDNA keep
         two loops.  Read from the compile options, so ``triton.compile(..., target=gfx1100)`` AOT sees it too.
+
+        The same switch loads K (and in the backward V) through transposed pointers (``_load_cols``, the ``K_T``
+        flags) instead of ``tl.trans`` of a row tile in registers: on gfx1100 that takes dQ at D=128 from 34
+        spilled VGPRs (16x16 w8) to none (239 VGPRs), and with the one-pass decoding loop the decoding kernel
+        fits at D=128 and D=256.  Callers bind it as ``one_pass: tl.constexpr = _one_pass()``: a plain assignment
+        turns the constexpr into a runtime i1 (Triton 3.9), so both branches were type-checked and merely folded.
         """
         arch = getattr(getattr(_semantic.builder, "options", None), "arch", None)
         if FORCE_ONE_PASS is not None:
@@ -61,13 +67,17 @@ else:
 @triton.jit
 def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked,
             SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            K_T: tl.constexpr = False):
     """(raw scaled scores, modded scores with -inf where not kept, keep) of one tile.
 
     ``masked`` is ``True`` (constexpr) except in a one-pass loop, where it says (at run time) whether the tile
     comes from the masked list (mask_mod applied) or the full one (bounds only).
     """
-    raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    if K_T:
+        raw = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
+    else:
+        raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     score = raw
@@ -90,6 +100,16 @@ def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked
 def _load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
     mask = (offs[:, None] < ROWS) & (offs_d[None, :] < DIM)
     tile = tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if INTERPRETED:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _load_cols(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
+    """The transposed tile (DIM x rows) loaded through transposed pointers (no ``tl.trans`` in registers)."""
+    mask = (offs[None, :] < ROWS) & (offs_d[:, None] < DIM)
+    tile = tl.load(base + offs[None, :] * stride_row + offs_d[:, None] * stride_d, mask=mask, other=0.0)
     if INTERPRETED:
         tile = tile.to(tl.float32)
     return tile
@@ -135,18 +155,21 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_v
                 B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
                 APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, ONE_PASS: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
     """Online-softmax accumulation over the kv tiles listed at ``idx_ptr`` (``num_ptr`` of them), then, if
-    ``ONE_PASS``, over those at ``full_idx_ptr``."""
+    ``ONE_PASS``, over those at ``full_idx_ptr``.  ``K_T``: K loaded through transposed pointers."""
     num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
         masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
         kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        if K_T:
+            k = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        else:
+            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
-                              MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
+                              MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -175,19 +198,19 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
-    one_pass = _one_pass()
+    one_pass: tl.constexpr = _one_pass()
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + row,
         KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
         (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV,
         sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
-        HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION)
+        HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION, one_pass)
     if not one_pass:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + row,
             FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m,
             offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
-            HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
+            HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION, False)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out_ptrs = Out + b * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -231,12 +254,15 @@ def _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q):
 def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
                G0, G1, G2, G3, masked, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr = False):
     """(P, dS w.r.t. the raw scaled score) of one tile, recomputed from the saved lse."""
     raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
-                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION)
+                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
     p = tl.exp2(score * LOG2E - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if K_T:
+        dp = tl.dot(do, v, input_precision=DOT_PRECISION)
+    else:
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SCORE_MOD:
         ds = SCORE_MOD_BWD(raw, b, h, offs_m[:, None], offs_n[None, :], ds, keep, B0, B1, B2, B3,
@@ -251,9 +277,9 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm,
                  SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_M: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                  HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-                 ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
     """Accumulate dK, dV of one kv tile over the q tiles listed at ``idx_ptr`` (then ``full_idx_ptr``
-    if ``ONE_PASS``)."""
+    if ``ONE_PASS``).  ``K_T``: ``k`` and ``v`` are the transposed tiles (D x BLOCK_N)."""
     num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
         masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
@@ -264,7 +290,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm,
         lse2, delta = _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q)
         p, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
                            B0, B1, B2, B3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
-                           CHECK_BOUNDS, False, DOT_PRECISION)
+                           CHECK_BOUNDS, False, DOT_PRECISION, K_T)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
@@ -287,12 +313,19 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    k = _load_rows(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-    v = _load_rows(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
-                   HEAD_DIM_V)
+    one_pass: tl.constexpr = _one_pass()
+    if one_pass:  # RDNA3: K and V loaded through transposed pointers, no tl.trans in registers
+        k = _load_cols(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
+                       HEAD_DIM)
+        v = _load_cols(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
+                       HEAD_DIM_V)
+    else:
+        k = _load_rows(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
+                       HEAD_DIM)
+        v = _load_rows(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
+                       HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-    one_pass = _one_pass()
     for g in range(0, GROUPS):
         h = h_kv * GROUPS + g
         Q_head = Q + b * stride_qz + h * stride_qh
@@ -304,13 +337,14 @@ def _bwd_dkdv_kernel(
             Q_NUM + row, Q_IDX + row * NUM_Q_TILES, (FULL_Q_NUM if one_pass else Q_NUM) + row,
             (FULL_Q_IDX if one_pass else Q_IDX) + row * NUM_Q_TILES, b, h,
             offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-            SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION)
+            SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION, one_pass)
         if not one_pass:
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
                 FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES, FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES,
                 b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V,
-                BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
+                BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION,
+                False)
     dk = dk * sm_scale
     keep_n = offs_n[:, None] < SEQ_KV
     tl.store(DK + b * stride_dkz + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -325,19 +359,28 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, str
                B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_N: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-               ONE_PASS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               ONE_PASS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
     """Accumulate dQ of one q tile over the kv tiles listed at ``idx_ptr`` (then ``full_idx_ptr`` if
-    ``ONE_PASS``) and captured-tensor grads."""
+    ``ONE_PASS``) and captured-tensor grads.  ``K_T``: K and V enter the score and dP dots loaded through
+    transposed pointers, and K is loaded again in rows for ``dS @ K`` (RDNA3)."""
     num_blocks, num_masked = _num_tiles(num_ptr, full_num_ptr, ONE_PASS)
     for i in range(0, num_blocks):
         masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
         kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-        v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                           G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
-                           CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION)
+        if K_T:
+            kt = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            vt = _load_cols(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+            _, ds = _grad_tile(q, kt, vt, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
+                               G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+                               CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION, True)
+            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        else:
+            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+            _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
+                               G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+                               CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -369,19 +412,19 @@ def _bwd_dq_kernel(
     V_head = V + b * stride_vz + h_kv * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
-    one_pass = _one_pass()
+    one_pass: tl.constexpr = _one_pass()
     dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                     KV_NUM + row, KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
                     (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv,
                     SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
                     SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
-                    ACCUMULATE, DOT_PRECISION)
+                    ACCUMULATE, DOT_PRECISION, one_pass)
     if not one_pass:
         dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                         FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row,
                         FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
                         B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD,
-                        MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, ACCUMULATE, DOT_PRECISION)
+                        MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, ACCUMULATE, DOT_PRECISION, False)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM))
