@@ -52,15 +52,20 @@ def _stand_in(static):
 
 
 def _static_mod(mod):
-    """A ``da.masks`` / ``da.scores`` object as constants (its class and attributes, tensors as metadata), read
-    in traced code: an object made inside the compiled region has no real counterpart at trace time."""
+    """A mod as constants, read in traced code: a ``da.masks`` / ``da.scores`` object as its class and attributes
+    (tensors as metadata: one made inside the compiled region has no real counterpart at trace time); a
+    closure-free function as itself; any other callable as "opaque"."""
     if isinstance(mod, (MaskMod, ScoreMod)):
         return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
     if isinstance(mod, Tensor):
         return ("tensor", _static_tensor(mod))
     if mod is None or not callable(mod):
         return mod  # validation at trace time says what is wrong with it
-    return ("opaque",)  # a function may close over traced values: only "some user function" is constant
+    code = getattr(mod, "__code__", None)
+    if code is not None and not (code.co_freevars or code.co_kwonlyargcount or mod.__defaults__):
+        # Its code and module globals fix what it computes: the function itself is a constant (dynamo guards it).
+        return ("function", mod)
+    return ("opaque",)  # a closure may hold traced values: only "some user function" is constant
 
 
 def _opaque_mask(b, h, q_idx, kv_idx):
@@ -73,10 +78,12 @@ def _opaque_score(score, b, h, q_idx, kv_idx):
 
 def _rebuild_mod(static, opaque=None):
     """The structural twin of a ``_static_mod`` description: same class and parameters, stand-in tensors."""
-    if not isinstance(static, tuple) or not static or static[0] not in ("mod", "tensor", "opaque"):
+    if not isinstance(static, tuple) or not static or static[0] not in ("mod", "tensor", "opaque", "function"):
         return static
     if static[0] == "opaque":
         return opaque
+    if static[0] == "function":
+        return static[1]
     if static[0] == "tensor":
         return _stand_in(static[1])
     _, cls, attributes = static
@@ -142,9 +149,10 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     backend = get_backend("triton_flex")
     try:
         if spec.mask is _opaque_mask or spec.score is _opaque_score:
-            # The plan generates the kernel from the mods at trace time, where a user's function is known only
-            # as "some function" (it may close over traced tensors, so it cannot be made a constant).
-            raise ValueError("a user function mod is planned only in eager mode (it is opaque at trace time)")
+            # The plan generates the kernel from the mods at trace time, where a closure is known only as "some
+            # function" (its cells may hold traced tensors, so it cannot be made a constant).
+            raise ValueError("a mod that is a closure (or has defaults) is opaque at trace time; closure-free "
+                             "functions and da.masks / da.scores objects are planned")
         bwd_config = backend._config("bwd", spec, caps)[0]
         return decision, ops.plan(spec, spec.score, spec.mask, decision.config, bwd_config, device, caps)
     except ValueError as error:
