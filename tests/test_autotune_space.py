@@ -180,6 +180,9 @@ def test_shipped_defaults_exist_are_honest_and_valid(target):
     for name, entry in document["tile_configs"].items():
         kernel, dtype, dims = name.split()
         head_dim, head_dim_v = (int(d) for d in dims.removeprefix("d").split("/"))
+        if "config" not in entry:  # every config tried spills here: none ships (tests/test_aot_kernels.py)
+            assert entry["no_spill_free_tile"]["least_spilling"]["tile"] and "spills" in entry["checked"], name
+            continue
         config = TileConfig.from_dict(entry["config"])
         assert why_config_invalid(kernel, config, target, getattr(torch, dtype), head_dim, head_dim_v) is None, name
 
@@ -251,7 +254,8 @@ def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
             bad = f"{kernel} spills registers on {target}" if config.block_n > 32 else None
             reasons[(name, config)] = [bad] * len(launches)
             records[(name, config)] = [
-                SimpleNamespace(kernel=k, total_shared_bytes=1024, registers=99, spill_bytes=0) for k in launches
+                SimpleNamespace(kernel=k, total_shared_bytes=1024, registers=99, spill_bytes=0, spill_count=None)
+                for k in launches
             ]
         return reasons, records
 
@@ -266,3 +270,48 @@ def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
     assert "ahead-of-time compile rejected" in document["tile_configs"]["fwd bfloat16 d128/128"]["note"]
     assert "checked" not in document["tile_configs"]["fwd float32 d128/128"]
     assert shipped.same_configs(document, shipped.heuristic_document("sm_90"))  # checked entries may differ
+
+
+def test_compile_check_ships_no_config_where_every_config_spills(monkeypatch, tmp_path):
+    """Every config of the backward at D=256 'spills' dQ (fewer registers the smaller the tile and the more warps):
+    the entry loses its config and records the least-spilling tile; fp16 gets the same; the rest still ship."""
+    from types import SimpleNamespace
+
+    from dispatchattn.autotune_cache import verify
+
+    def fake_round(pending, target, workers):
+        reasons, records = {}, {}
+        for (name, config), (kernel, _dtype, head_dim) in pending.items():
+            launches = verify.LAUNCHES[kernel]
+            spilled = config.block_m * config.block_n // 8 - config.num_warps
+            spilled = spilled if kernel == "bwd" and head_dim == 256 else 0
+            reasons[(name, config)] = [f"{k} spills registers on {target}" if spilled and k == "bwd_dq" else None
+                                       for k in launches]
+            records[(name, config)] = [
+                SimpleNamespace(kernel=k, total_shared_bytes=1024, registers=256, spill_count=spilled if k == "bwd_dq"
+                                else 0, spill_bytes=4 * spilled if k == "bwd_dq" else 0) for k in launches
+            ]
+        return reasons, records
+
+    monkeypatch.setattr(verify, "_compile_round", fake_round)
+    document = shipped.heuristic_document("gfx1100")
+    log = verify.verify_document(document, "gfx1100")
+    verify.copy_checked(document)
+    assert any("bwd bfloat16 d256/256: every config spills (least BLOCK_M=16 BLOCK_N=16 warps=16" in line
+               for line in log), log
+    (tmp_path / "gfx1100.json").write_text(json.dumps(document))
+    for dtype in ("bfloat16", "float16"):
+        entry = document["tile_configs"][f"bwd {dtype} d256/256"]
+        assert "config" not in entry and "no config ships" in entry["checked"]
+        least = entry["no_spill_free_tile"]["least_spilling"]
+        assert TileConfig.from_dict(least["config"]) == TileConfig(16, 16, num_warps=16, num_stages=1)
+        assert least["launches"] == {"bwd_dkdv": {"spilled_registers": 0, "spill_bytes": 0, "registers": 256},
+                                     "bwd_dq": {"spilled_registers": 16, "spill_bytes": 64, "registers": 256}}
+        assert shipped.refusal("bwd", "gfx1100", dtype, 256, 256, tmp_path) == entry["no_spill_free_tile"]
+        assert shipped.lookup("bwd", "gfx1100", dtype, 256, 256, tmp_path) is None
+    message = shipped.refusal_message("bwd", "gfx1100", 256, 256, shipped.refusal("bwd", "gfx1100", "bfloat16", 256,
+                                                                                  256, tmp_path))
+    assert message.startswith("on gfx1100 every backward (dQ) tile spills at head_dim 256 (least: 16x16 w16, "
+                              "dQ 16 VGPRs spilled; ")
+    assert "config" in document["tile_configs"]["bwd bfloat16 d128/128"]
+    assert "config" in document["tile_configs"]["fwd bfloat16 d256/256"]

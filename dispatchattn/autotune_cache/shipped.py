@@ -7,6 +7,11 @@ GPU with ``python -m dispatchattn tune ... --export-defaults`` replaces entries 
 ``"measured": true`` with its own device, date, versions and speedup.
 
 Entries are keyed by kernel, dtype and head dims rounded up to a power of two (the kernels pad to it).
+
+An entry holds ``config`` (what ships), or, where the ahead-of-time compile found every config tried spilling
+(``--compile-check``, ``verify.py``), no ``config`` but ``no_spill_free_tile``: the least-spilling tile tried and
+what each launch spilled with it.  ``refusal`` reads it; the triton_flex backend then refuses that kernel on that
+target (reason code ``no_spill_free_tile``) rather than run a spilling config.
 """
 
 from __future__ import annotations
@@ -68,6 +73,58 @@ def lookup(
     except (KeyError, TypeError, ValueError):
         return None
     return config, describe(document, entry, arch)
+
+
+#: Kernel kinds and launches as a refusal names them.
+KERNEL_WORDS = {"fwd": "forward", "bwd": "backward", "decode": "decoding"}
+LAUNCH_WORDS = {"fwd": "forward", "bwd_dkdv": "dK/dV", "bwd_dq": "dQ", "decode": "decoding",
+                "decode_reduce": "reduction"}
+
+
+def refusal(
+    kernel: str, arch: str, dtype_name: str, head_dim: int, head_dim_v: int, directory: Path = DEFAULTS_DIR
+) -> dict | None:
+    """The ``no_spill_free_tile`` record of the shipped entry, or None (a config ships, or nothing is known).
+
+    An entry measured on hardware (tuned) never refuses: it ships the config that was timed.
+    """
+    document = load_target(arch, directory)
+    if document is None:
+        return None
+    entry = document["tile_configs"].get(entry_name(kernel, dtype_name, head_dim, head_dim_v))
+    if not isinstance(entry, dict) or "config" in entry or entry.get("measured"):
+        return None
+    found = entry.get("no_spill_free_tile")
+    return found if isinstance(found, dict) and isinstance(found.get("least_spilling"), dict) else None
+
+
+def refusal_message(
+    kernel: str, arch: str, head_dim: int, head_dim_v: int, record: dict, dtype_name: str | None = None
+) -> str:
+    """``on gfx1100 every backward (dQ) tile spills at head_dim 128 in bfloat16 (least: 16x16 w8, dQ 34 VGPRs
+    spilled; ...); triton_flex is not offered there``."""
+    least = record["least_spilling"]
+    launches = {name: spill for name, spill in least.get("launches", {}).items()
+                if spill.get("spilled_registers") or spill.get("spill_bytes")}
+    amd = any(spill.get("spilled_registers") for spill in launches.values())
+    parts = [
+        f"{LAUNCH_WORDS.get(name, name)} " + (f"{spill['spilled_registers']} VGPRs spilled" if amd
+                                               else f"{spill.get('spill_bytes', 0):,} B spilled")
+        for name, spill in launches.items()
+    ]
+    which = ""
+    if kernel == "bwd" and len(launches) == 1:
+        which = f" ({LAUNCH_WORDS.get(next(iter(launches)), '')})"
+    padded = _pow2_at_least(max(head_dim, head_dim_v))
+    dims = f"head_dim {head_dim}" if head_dim == head_dim_v else f"head_dim {head_dim} / {head_dim_v}"
+    if padded != max(head_dim, head_dim_v):
+        dims += f" (padded to {padded})"
+    spilled = ", ".join(parts) if parts else "spills"
+    if dtype_name:
+        dims += f" in {dtype_name}"
+    return (f"on {arch} every {KERNEL_WORDS.get(kernel, kernel)}{which} tile spills at {dims} "
+            f"(least: {least.get('tile', '?')}, {spilled}; {record.get('configs_tried', '?')} configs compiled ahead "
+            f"of time with Triton {record.get('triton', '?')}); triton_flex is not offered there")
 
 
 def describe(document: dict, entry: dict, arch: str) -> str:
