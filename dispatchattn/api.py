@@ -24,6 +24,13 @@ _MEMO_LIMIT = 4096
 _LAST: tuple = ((), None)
 
 
+def clear_memo() -> None:
+    """Forget every memoised decision (the next call of each signature decides again)."""
+    global _LAST
+    _MEMO.clear()
+    _LAST = ((), None)
+
+
 def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
                layout, return_lse, backend, backend_env):
     """Everything a decision depends on, read from metadata only.  Flat and inline: this runs on every warm
@@ -41,12 +48,12 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
 
 
 def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod, layout,
-            return_lse, backend) -> tuple[AttentionSpec, Decision]:
+            return_lse, backend) -> tuple[AttentionSpec, Decision, capabilities.DeviceCaps]:
     spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse)
     caps = capabilities.probe(query.device)
     decision = select_cached(spec, caps, current_policy(backend))
-    return spec, decision
+    return spec, decision, caps
 
 
 def attention(
@@ -92,11 +99,11 @@ def attention(
         sig, entry = None, None
     fresh = entry is None
     if fresh:
-        spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                                 mask_mod, layout, return_lse, backend)
+        spec, decision, caps = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       score_mod, mask_mod, layout, return_lse, backend)
         runner = get_backend(decision.backend)
         entry = (spec, decision, runner, scale if scale is not None else 1.0 / math.sqrt(spec.head_dim),
-                 runner.direct(spec, decision.config))
+                 runner.direct(spec, caps, decision.config))
         if len(_MEMO) >= _MEMO_LIMIT:
             _MEMO.clear()
         if sig is not None:
@@ -140,6 +147,5 @@ def explain(
     >>> da.explain(q, k, v, is_causal=True).backend
     'sdpa'
     """
-    spec, decision = _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod,
-                             mask_mod, layout, return_lse, backend)
-    return decision
+    return _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
+                   layout, return_lse, backend)[1]

@@ -126,7 +126,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     level = explain_level(explain_raw)
     if level:  # reported when traced: once per graph, whatever the level
         _explain.report(str(decision), level)
-    direct = runner.direct(spec, decision.config) if hasattr(runner, "direct") else None
+    direct = runner.direct(spec, caps, decision.config) if hasattr(runner, "direct") else None
     name = f"d{DECIDED.count}"
     setattr(DECIDED, name, (spec, decision, runner, direct))
     DECIDED.count += 1

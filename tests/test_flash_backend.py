@@ -495,3 +495,64 @@ def test_gradients_flow_through_the_translation(monkeypatch, mask):
     ref.pow(2).sum().backward()
     for got, want in zip((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- the warm call's direct path
+DIRECT_CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "window": dict(mask_mod=da.masks.sliding_window(7) & da.masks.causal()),
+    "softcap_gqa": dict(score_mod=da.scores.softcap(4.0), enable_gqa=True),
+    "scale_bshd": dict(scale=0.3, layout="bshd"),
+}
+
+
+@pytest.mark.parametrize("impl", ["fa2", "fa3"])
+@pytest.mark.parametrize("case", sorted(DIRECT_CASES))
+def test_inference_calls_reach_the_library_exactly_as_run_does(monkeypatch, impl, case):
+    """``da.attention`` runs an inference call through ``FlashBackend.direct`` (arguments translated once per
+    signature): the library sees the same call as through ``run``, and the result is right."""
+    double = make_fa2() if impl == "fa2" else make_fa3()
+    install(monkeypatch, **{impl: double})
+    kwargs = dict(DIRECT_CASES[case])
+    layout = kwargs.get("layout", "bhsd")
+    q, k, v = tensors(2, 4, 2 if kwargs.get("enable_gqa") else 4, 33, 33, 64, layout=layout, seed=5)
+    device_caps = caps("sm_90", fa2="2.8.3" if impl == "fa2" else None, fa3="3.0.0" if impl == "fa3" else None)
+    spec = build_spec(q, k, v, None, 0.0, kwargs.get("is_causal", False), kwargs.get("scale"),
+                      kwargs.get("enable_gqa", False), score_mod=kwargs.get("score_mod"),
+                      mask_mod=kwargs.get("mask_mod"), layout=layout)
+    assert FlashBackend().direct(spec, device_caps) is not None
+    with pretend(device_caps):
+        out = da.attention(q, k, v, backend="flash", **kwargs)
+        through_direct = double.recorder.last
+        call = AttentionCall(q, k, v, None, spec.mask, spec.score, kwargs.get("scale", 64 ** -0.5), 0.0,
+                             kwargs.get("is_causal", False), kwargs.get("enable_gqa", False), False, layout)
+        expected, _ = FlashBackend().run(call, spec)
+        through_run = double.recorder.last
+    assert through_direct[0] == through_run[0] == "flash_attn_func"
+    assert through_direct[2] == through_run[2]  # the same keywords, values included
+    assert all(torch.equal(a, b) for a, b in zip(through_direct[1], through_run[1]))
+    assert torch.equal(out, expected)
+
+
+def test_calls_that_need_per_call_work_have_no_direct_path():
+    sm90 = caps("sm_90", fa2="2.8.3", fa4="4.0.0b1")
+    q, k, v = tensors(1, 2, 2, 16, 16, 64)
+    cases = {
+        "lse": dict(return_lse=True),
+        "alibi": dict(score_mod=da.scores.alibi(torch.tensor([0.5, 0.25])), is_causal=True),
+        "document": dict(mask_mod=da.masks.document(torch.arange(16) // 8)),
+    }
+    for name, kwargs in cases.items():
+        spec = build_spec(q, k, v, **kwargs)
+        assert FlashBackend().why_not(spec, sm90) == [], name  # flash runs it, through run
+        assert FlashBackend().direct(spec, sm90) is None, name
+    long_q = tensors(1, 2, 2, 16, 8, 64)[0]  # 16 queries, 8 keys: bottom-right causal leaves rows 0..7 empty
+    spec = build_spec(long_q, k[:, :, :8], v[:, :, :8], mask_mod=da.masks.causal(bottom_right=True))
+    assert FlashBackend().why_not(spec, sm90) == [] and FlashBackend().direct(spec, sm90) is None
+    grad = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    spec = build_spec(*grad, is_causal=True)
+    assert FlashBackend().why_not(spec, sm90) == [] and FlashBackend().direct(spec, sm90) is None
+    fa4_only = caps("sm_100", fa2=None, fa4="4.0.0b1")  # FA4 runs as an op inside graphs: never direct
+    spec = build_spec(q, k, v, is_causal=True)
+    assert FlashBackend().why_not(spec, fa4_only) == [] and FlashBackend().direct(spec, fa4_only) is None

@@ -142,10 +142,11 @@ class Backend:
         """Facts worth saying about a chosen backend (first-call compile cost, bytes of a dense mask...)."""
         return []
 
-    def direct(self, spec: AttentionSpec, config: Any = None) -> Callable | None:
-        """A function ``(query, key, value) -> out`` computing exactly the calls of ``spec`` with nothing
-        left to decide per call, or None.  The warm eager call (memoised per signature, which fixes every
-        non-tensor argument) uses it instead of building an ``AttentionCall`` for ``run``."""
+    def direct(self, spec: AttentionSpec, caps: DeviceCaps, config: Any = None) -> Callable | None:
+        """A function ``(query, key, value) -> out`` computing exactly the calls of ``spec`` on ``caps`` with
+        nothing left to decide per call, or None.  The warm call (memoised per signature, which fixes every
+        non-tensor argument) uses it instead of building an ``AttentionCall`` for ``run``; so does a compiled
+        graph.  It must not bake in anything a call may change: tensor values, global flags."""
         return None
 
     def run(self, call: AttentionCall, spec: AttentionSpec, config: Any = None):

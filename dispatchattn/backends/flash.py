@@ -181,10 +181,35 @@ class FlashBackend(Backend):
         return notes
 
     # ----------------------------------------------------------------------------------------- running
+    def direct(self, spec: AttentionSpec, caps: DeviceCaps, config: Any = None):
+        # Inference calls that reach one dense entry point unchanged.  Not: the lse or a gradient (the
+        # backward's determinism flag is read per call), a document mask (run lengths come from tensor
+        # values), ALiBi (its slopes are a tensor the user may edit), rows to zero, FA4 (an op in graphs).
+        if spec.return_lse or spec.requires_grad or spec.mods_need_grad or isinstance(spec.score, Alibi):
+            return None
+        try:
+            impl, _, plan = self.choose(spec, caps)
+        except RuntimeError:
+            return None
+        if impl.key == "fa4" or plan.document is not None or plan.empty_rows(spec.seq_q, spec.seq_kv, "cpu") \
+                is not None:
+            return None
+        kwargs = _kwargs(impl, spec, plan, spec.scale if spec.scale is not None else spec.head_dim ** -0.5,
+                         spec.score, None)
+        fn = _module(impl).flash_attn_func
+
+        def first(result):  # FA3 returns (out, lse) even when the lse is not asked for
+            return result[0] if isinstance(result, (tuple, list)) else result
+
+        if spec.layout == "bshd":
+            return lambda query, key, value: first(fn(query, key, value, **kwargs))
+        return lambda query, key, value: first(fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                                  **kwargs)).transpose(1, 2)
+
     def run(self, call: AttentionCall, spec: AttentionSpec, config: Any = None):
         impl, _, plan = self.choose(spec, probe(call.query.device))
         q, k, v = (t if call.layout == "bshd" else t.transpose(1, 2) for t in (call.query, call.key, call.value))
-        kwargs = _kwargs(impl, spec, call, plan)
+        kwargs = _kwargs(impl, spec, plan, call.scale, call.score_mod, call.query.device)
         if plan.document is not None:
             out, lse = _run_varlen(impl, q, k, v, plan, kwargs, call.return_lse)
         elif impl.key == "fa4" and (torch.compiler.is_compiling() or (call.return_lse and spec.requires_grad)):
@@ -325,10 +350,10 @@ def _impl_reasons(impl: FlashImpl, version: Version, spec: AttentionSpec, caps: 
     return reasons
 
 
-def _kwargs(impl: FlashImpl, spec: AttentionSpec, call: AttentionCall, plan: MaskPlan) -> dict:
+def _kwargs(impl: FlashImpl, spec: AttentionSpec, plan: MaskPlan, scale: float, score, device) -> dict:
     """The library keyword arguments, non-default ones only (so older releases accept them)."""
     left, right = flash_window(plan, spec.seq_q, spec.seq_kv)
-    kwargs: dict[str, Any] = {"softmax_scale": call.scale}
+    kwargs: dict[str, Any] = {"softmax_scale": scale}
     if left == -1 and right == 0:
         kwargs["causal"] = True
     elif (left, right) != (-1, -1):
@@ -336,11 +361,10 @@ def _kwargs(impl: FlashImpl, spec: AttentionSpec, call: AttentionCall, plan: Mas
             if impl.key == "fa4" else (left, right)
     if spec.dropout_p > 0:
         kwargs["dropout_p"] = spec.dropout_p
-    score = call.score_mod
     if isinstance(score, Softcap):
         kwargs["softcap"] = score.cap
     if isinstance(score, Alibi):
-        kwargs["alibi_slopes"] = score.slopes.detach().to(call.query.device, torch.float32).contiguous()
+        kwargs["alibi_slopes"] = score.slopes.detach().to(device, torch.float32).contiguous()
     if spec.requires_grad and torch.are_deterministic_algorithms_enabled():
         kwargs["deterministic"] = True
     return kwargs

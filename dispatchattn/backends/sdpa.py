@@ -106,7 +106,7 @@ class SdpaBackend(Backend):
             return [f"builds a dense {shape} mask/bias ({dense_bytes(spec) / 2**20:,.2f} MiB) from the mask/score mods"]
         return []
 
-    def direct(self, spec, config=None):
+    def direct(self, spec, caps=None, config=None):
         # Only calls that reach SDPA unchanged: no mask tensor (its rows must be checked for emptiness per
         # call), no dense mask to build, no transpose, no lse.
         if spec.layout != "bhsd" or spec.attn_mask is not None or spec.return_lse or needs_dense_mask(spec):
