@@ -413,12 +413,15 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
     one_pass: tl.constexpr = _one_pass()
+    # transposed K/V loads from D=128 on: at D=64 they cost dQ registers (gfx1100 32x16 w2: 230 -> 242, and the
+    # causal variant then spills 68 B), at D=128 they save them (16x16 w8: 34 spilled VGPRs -> none)
+    k_t: tl.constexpr = one_pass and D_PAD >= 128
     dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                     KV_NUM + row, KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
                     (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv,
                     SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
                     SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
-                    ACCUMULATE, DOT_PRECISION, one_pass)
+                    ACCUMULATE, DOT_PRECISION, k_t)
     if not one_pass:
         dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                         FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row,
