@@ -106,3 +106,74 @@ def test_benchmark_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "triton_flex" in result.stdout and "ratio" in result.stdout
     assert list(tmp_path.glob("flex_*.json"))
+
+
+# --- kernels without a spill-free tile on a target (shipped entries with ``no_spill_free_tile``) ----------
+
+GFX1100 = DeviceCaps.synthetic("gfx1100")
+
+
+def _refusing(monkeypatch, *names):
+    """gfx1100's shipped document with the entries ``names`` ("decode bfloat16 d128/128") shipping no config."""
+    import json
+
+    from dispatchattn.autotune_cache import shipped
+
+    real = shipped.load_target
+    document = json.loads(json.dumps(real("gfx1100")))
+    for name in names:
+        entry = document["tile_configs"][name]
+        config = entry.pop("config", None) or {"block_m": 16, "block_n": 16, "num_warps": 8, "num_stages": 1}
+        launches = {"fwd": ["fwd"], "bwd": ["bwd_dkdv", "bwd_dq"], "decode": ["decode"]}[name.split()[0]]
+        entry["no_spill_free_tile"] = {
+            "least_spilling": {"config": config, "tile": "16x16 w8", "launches": {
+                launch: {"spilled_registers": 7, "spill_bytes": 28, "registers": 256} for launch in launches}},
+            "configs_tried": 30, "triton": "3.9.0"}
+    monkeypatch.setattr(shipped, "load_target", lambda arch, *a: document if arch == "gfx1100" else real(arch, *a))
+
+
+def test_decoding_falls_back_to_the_forward_kernel_where_only_decoding_spills(monkeypatch):
+    from dispatchattn.backends.triton_flex.backend import decoding
+
+    _refusing(monkeypatch, "decode bfloat16 d128/128")
+    spec = replace(SPEC, seq_q=1, head_dim=128, head_dim_v=128, mask=None)
+    assert BACKEND.why_not(spec, GFX1100) == []
+    assert decoding(spec) and not decoding(spec, GFX1100) and decoding(spec, H100)
+    notes = " ".join(BACKEND.notes(spec, GFX1100))
+    assert "the forward kernel runs instead of the decoding kernel: on gfx1100 every decoding tile spills" in notes
+    assert "forward tile config" in notes and "decoding tile config" not in notes
+    assert BACKEND.tile_config(spec, GFX1100) == BACKEND._config("fwd", spec, GFX1100)
+
+
+def test_only_the_kernels_a_call_launches_are_refused(monkeypatch):
+    _refusing(monkeypatch, "fwd bfloat16 d128/128", "decode bfloat16 d128/128", "bwd float16 d128/128")
+    bf16 = replace(SPEC, head_dim=128, head_dim_v=128)
+    assert _codes(bf16, GFX1100) == ["no_spill_free_tile"]
+    (reason,) = BACKEND.why_not(bf16, GFX1100)
+    assert str(reason) == ("on gfx1100 every forward tile spills at head_dim 128 in bfloat16 (least: 16x16 w8, "
+                           "forward 7 VGPRs "
+                           "spilled; 30 configs compiled ahead of time with Triton 3.9.0); triton_flex is not "
+                           "offered there")
+    assert _codes(replace(bf16, seq_q=1), GFX1100) == ["no_spill_free_tile"] * 2  # decoding, then the forward
+    fp16 = replace(bf16, dtype=torch.float16)
+    assert _codes(fp16, GFX1100) == []  # inference: the forward kernel fits in fp16
+    (reason,) = BACKEND.why_not(replace(fp16, requires_grad=True), GFX1100)
+    assert reason.code == "no_spill_free_tile" and "every backward tile spills at head_dim 128 in float16" in reason
+    assert "dK/dV 7 VGPRs spilled, dQ 7 VGPRs spilled" in reason
+    assert _codes(replace(bf16, requires_grad=True), H100) == []  # other targets: their own shipped entries
+
+
+def test_forced_triton_flex_raises_the_spill_reason_and_the_selector_moves_on():
+    """gfx1100 ships no backward config at head_dim 256 (every tile tried spills with Triton 3.9)."""
+    from dispatchattn.capabilities import pretend
+
+    q = torch.randn(1, 2, 64, 256, dtype=torch.bfloat16, requires_grad=True)
+    with pretend(GFX1100):
+        with pytest.raises(da.UnsupportedError, match="every backward tile spills at head_dim 256 in bfloat16"):
+            da.explain(q, q, q, mask_mod=da.masks.causal(), backend="triton_flex")
+        decision = da.explain(q, q, q, mask_mod=da.masks.causal())
+        inference = da.explain(q.detach(), q.detach(), q.detach(), mask_mod=da.masks.causal(), backend="triton_flex")
+    assert decision.backend != "triton_flex"
+    assert [r.code for r in decision.reasons["triton_flex"]] == ["no_spill_free_tile"]
+    assert "every backward tile spills at head_dim 256" in str(decision)
+    assert inference.backend == "triton_flex"

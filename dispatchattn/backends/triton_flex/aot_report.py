@@ -179,13 +179,35 @@ def row(record: aot.AotRecord) -> list[str]:
             f"{record.compile_seconds:.1f}", _verdict(record)]  # fmt: skip
 
 
+def refused(records: list[aot.AotRecord]) -> list[str]:
+    """One line per shipped entry of the records' targets, dtypes and head dims that ships no config because
+    every config tried spills (``no_spill_free_tile``): the triton_flex backend refuses that kernel there."""
+    lines = []
+    dtypes = {TORCH_DTYPE_NAMES.get(r.dtype, r.dtype) for r in records}
+    head_dims = {r.head_dim for r in records}
+    for target in dict.fromkeys(r.target for r in records):
+        document = shipped.load_target(target) or {"tile_configs": {}}
+        for name in sorted(document["tile_configs"]):
+            kernel, dtype_name, dims = name.split()
+            head_dim, head_dim_v = (int(d) for d in dims.removeprefix("d").split("/"))
+            record = shipped.refusal(kernel, target, dtype_name, head_dim, head_dim_v)
+            if record is not None and dtype_name in dtypes and head_dim in head_dims:
+                message = shipped.refusal_message(kernel, target, head_dim, head_dim_v, record, dtype_name)
+                lines.append(f"- {message}")
+    return lines
+
+
 def render_text(records: list[aot.AotRecord]) -> str:
-    """A fixed-width table, then every reason a config does not fit."""
+    """A fixed-width table, then every reason a config does not fit, then the kernels that ship no config."""
     rows = [list(COLUMNS)] + [row(r) for r in records]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     reasons = [f"- {r.reason}" for r in records if r.reason]
-    return "\n".join(lines + ([""] + reasons if reasons else []))
+    none_shipped = refused(records)
+    lines += [""] + reasons if reasons else []
+    lines += ["", "No config ships (every config tried spills; triton_flex refuses these):", *none_shipped] \
+        if none_shipped else []
+    return "\n".join(lines)
 
 
 def _listed(values) -> str:
@@ -230,6 +252,10 @@ def render_markdown(records: list[aot.AotRecord], command: str) -> str:
         body.append("")
     rejected = [f"- {r.reason}" for r in records if r.reason]
     tail = ["## Configs that do not fit", ""] + (rejected or ["None."]) + [""]
+    tail += ["## Kernels that ship no config", "",
+             "Every config tried compiles with spills (the shipped entry records `no_spill_free_tile`), so no",
+             "config ships and the triton_flex backend refuses calls that would launch the kernel there:", "",
+             *(refused(records) or ["None."]), ""]
     return "\n".join(_markdown_header(records, command) + body + tail)
 
 

@@ -54,12 +54,35 @@ def _device(spec: AttentionSpec) -> str:
     return "cuda" if spec.device_type in ("cuda", "rocm") else spec.device_type
 
 
-def decoding(spec: AttentionSpec) -> bool:
+def decoding(spec: AttentionSpec, caps: DeviceCaps | None = None) -> bool:
     """Whether the split-KV decoding kernel (``decode.py``) runs ``spec``: few query rows, no gradient (compiled
-    graphs call it through its custom op, ``ops.triton_flex_decode``)."""
+    graphs call it through its custom op, ``ops.triton_flex_decode``), and, on ``caps``, a decoding tile that
+    does not spill (else the forward kernel runs it: ``spill_refusals``)."""
     from .decode import MAX_DECODE_SEQ_Q
 
-    return spec.seq_q <= MAX_DECODE_SEQ_Q and not (spec.requires_grad or spec.mods_need_grad)
+    if spec.seq_q > MAX_DECODE_SEQ_Q or spec.requires_grad or spec.mods_need_grad:
+        return False
+    return caps is None or "decode" not in spill_refusals(spec, caps)
+
+
+def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
+    """{"fwd" / "bwd" / "decode": Reason} for the kernels of ``spec``'s dtype and head dims that have no
+    spill-free tile on ``caps``'s GPU: the shipped defaults of the target say so (``shipped.refusal``), measured by
+    compiling every config tried ahead of time.  Empty off GPU and where every kernel has a tile that fits."""
+    if caps.vendor not in ("cuda", "rocm") or not caps.arch:
+        return {}
+    try:
+        from ...autotune_cache import shipped
+    except ImportError:
+        return {}
+    dtype_name = str(spec.dtype).removeprefix("torch.")
+    found = {}
+    for kernel in ("fwd", "bwd", "decode"):
+        record = shipped.refusal(kernel, caps.arch, dtype_name, spec.head_dim, spec.head_dim_v)
+        if record is not None:
+            message = shipped.refusal_message(kernel, caps.arch, spec.head_dim, spec.head_dim_v, record, dtype_name)
+            found[kernel] = Reason("no_spill_free_tile", message)
+    return found
 
 
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
@@ -114,7 +137,23 @@ class TritonFlexBackend(Backend):
         unsupported = self._mods_reason(spec)
         if unsupported is not None:
             reasons.append(Reason("mod_unsupported", unsupported))
-        return reasons
+        return reasons + self._spill_reasons(spec, caps)
+
+    @staticmethod
+    def _spill_reasons(spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        """Refuse only the kernels this call runs: the forward (or, without gradient and with few query rows, the
+        decoding kernel, falling back to the forward kernel when only decoding spills) and, with a gradient, the
+        backward."""
+        refused = spill_refusals(spec, caps)
+        if not refused:
+            return []
+        grad = spec.requires_grad or spec.mods_need_grad
+        if not grad and decoding(spec) and "decode" not in refused:
+            return []
+        kernels = ("fwd", "bwd") if grad else ("decode", "fwd") if decoding(spec) else ("fwd",)
+        if kernels[0] == "decode" and "fwd" not in refused:
+            return []  # the forward kernel runs it instead
+        return [refused[kernel] for kernel in kernels if kernel in refused]
 
     @staticmethod
     def _mods_reason(spec: AttentionSpec) -> str | None:
@@ -125,8 +164,8 @@ class TritonFlexBackend(Backend):
         return codegen.unsupported_reason(spec.score, spec.mask, _device(spec))
 
     def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
-        """The forward kernel's config, or the decoding kernel's (``decoding(spec)``), with its source."""
-        return self._config("decode" if decoding(spec) else "fwd", spec, caps)
+        """The forward kernel's config, or the decoding kernel's (``decoding(spec, caps)``), with its source."""
+        return self._config("decode" if decoding(spec, caps) else "fwd", spec, caps)
 
     @staticmethod
     def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
@@ -145,11 +184,14 @@ class TritonFlexBackend(Backend):
     def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
         """Generated kernel (hash and file), block sparsity when known from structure, tile configs."""
         config, source = self.tile_config(spec, caps)
-        if decoding(spec):
+        if decoding(spec, caps):
             notes = [note for note in (self._kernel_note(spec), self._decode_note(spec, caps, config)) if note]
             notes.append(f"decoding tile config {config.short()} (from {source})")
             return notes
         notes = [note for note in (self._kernel_note(spec), self._sparsity_note(spec, config)) if note]
+        if decoding(spec):  # few query rows without gradient, but the decoding kernel spills on this GPU
+            notes.append(f"the forward kernel runs instead of the decoding kernel: "
+                         f"{spill_refusals(spec, caps)['decode']}")
         notes.append(f"forward tile config {config.short()} (from {source})")
         if spec.requires_grad or spec.mods_need_grad:
             bwd_config, bwd_source = self._config("bwd", spec, caps)
@@ -208,7 +250,7 @@ class TritonFlexBackend(Backend):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         caps = probe(q.device)
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if decoding(spec) and not grad:
+        if decoding(spec, caps) and not grad:
             from .decode import decode_flex_attention
 
             decode_config = config if isinstance(config, TileConfig) else self._config("decode", spec, caps)[0]
@@ -216,7 +258,7 @@ class TritonFlexBackend(Backend):
             out, lse = decode_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
                                              return_lse=call.return_lse, config=decode_config, caps=caps)
             return call.from_bhsd(out), lse
-        if decoding(spec):  # the decision's config is the decoding kernel's: the forward kernel has its own
+        if decoding(spec, caps):  # the decision's config is the decoding kernel's: the forward kernel has its own
             config = None
         fwd_config = config if isinstance(config, TileConfig) else self._config("fwd", spec, caps)[0]
         bwd_config = self._config("bwd", spec, caps)[0] if spec.requires_grad or spec.mods_need_grad else None

@@ -183,7 +183,7 @@ def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConf
     generated = codegen.generate(score_mod, mask_mod, device)
     if generated.buffers:
         raise ValueError(f"the mods capture {len(generated.buffers)} tensor(s)")
-    if caps is not None and decoding(spec):
+    if caps is not None and decoding(spec, caps):
         from .decode import decoding_plan, group_lists
 
         lists = group_lists(mask_mod, batch=spec.batch, heads_q=spec.heads_q, heads_kv=spec.heads_kv,
