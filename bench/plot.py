@@ -79,7 +79,7 @@ def plot_overhead(document: dict, stem: str, out: Path) -> list[Path]:
     """Microseconds per warm call, da.attention vs direct SDPA: one panel per measured shape."""
     plt = _pyplot()
     records = document.get("results", [document])  # {"results": [...]} or one record
-    fig, axes = plt.subplots(len(records), 1, figsize=(6, 0.4 + 1.4 * len(records)), squeeze=False)
+    fig, axes = plt.subplots(len(records), 1, figsize=(7.5, 0.4 + 1.4 * len(records)), squeeze=False)
     for ax, record in zip(axes[:, 0], records):
         values = [record["sdpa_us"], record["dispatchattn_us"]]
         ours = record.get("ours_label", "da.attention")  # the metadata-floor record labels its wrapper
