@@ -27,7 +27,7 @@ from . import explain as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
 from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
-from .envs import explain_level, traced_raw  # by name: reaching the module two ways adds a slow guard
+from .envs import as_text, explain_level, traced_raw  # by name: reaching the module two ways adds a slow guard
 from .masks import MaskMod
 from .scores import ScoreMod
 from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
@@ -102,6 +102,9 @@ class _Decided:
 
 
 DECIDED = _Decided()
+#: The backend's ``direct`` function (or None) of each ``DECIDED`` entry, under the same name: a graph that
+#: runs one reads only it, so dynamo guards one object rather than the whole entry.
+DIRECT = _Decided()
 
 
 @torch.compiler.assume_constant_result
@@ -109,9 +112,9 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                   layout, return_lse, policy: tuple, grad_enabled: bool, explain_raw: str,
                   caps_override) -> str:
     """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
-    ``DECIDED`` of ``(spec, decision, backend, the backend's direct function or None)``: dynamo cannot guard
-    attributes of a constant result, so the objects are read from that module-level holder in traced code
-    (guarded by identity, never changed)."""
+    ``DECIDED`` of ``(spec, decision, backend)`` and in ``DIRECT`` of the backend's direct function: dynamo
+    cannot guard attributes of a constant result, so the objects are read from those module-level holders in
+    traced code (guarded by identity, never changed)."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
     score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
     with torch.set_grad_enabled(grad_enabled):
@@ -128,7 +131,8 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         _explain.report(str(decision), level)
     direct = runner.direct(spec, caps, decision.config) if hasattr(runner, "direct") else None
     name = f"d{DECIDED.count}"
-    setattr(DECIDED, name, (spec, decision, runner, direct))
+    setattr(DECIDED, name, (spec, decision, runner))
+    setattr(DIRECT, name, direct)
     DECIDED.count += 1
     return name
 
@@ -183,6 +187,7 @@ def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     each on a slow CPU), so this reads as little as it can: names imported directly rather than through
     modules, a backend's ``direct`` function when it has one rather than the spec's attributes."""
     explain_raw, backend_env = traced_raw()
+    explain_raw, backend_env = as_text(explain_raw), as_text(backend_env)
     if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
         policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
     else:  # backend= or the environment (dynamo guards the os.environ read)
@@ -194,9 +199,10 @@ def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
                                                                                   _static_mod(mask_mod))
     name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
                          is_grad_enabled(), explain_raw, override)
-    spec, decision, runner, direct = getattr(DECIDED, name)
+    direct = getattr(DIRECT, name)
     if direct is not None:
         return direct(query, key, value)
+    spec, decision, runner = getattr(DECIDED, name)
     # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
     mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod
     score = score_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(score_mod, ScoreMod) else score_mod

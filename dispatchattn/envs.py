@@ -57,11 +57,20 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def traced_raw() -> tuple[str, str]:
-    """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND), "" when unset, for code torch.compile traces: read through
-    ``os.environ``, which dynamo guards, and touching nothing else (each other object read adds guards)."""
-    # Literals, not EXPLAIN / BACKEND: dynamo guards a module constant it reads, not a literal.
-    return os.environ.get("DISPATCHATTN_EXPLAIN", ""), os.environ.get("DISPATCHATTN_BACKEND", "")
+def traced_raw() -> tuple[object, object]:
+    """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND) as stored, None when unset, for code torch.compile traces:
+    dynamo guards the two entries of ``os.environ``'s backing dict (a changed value traces a new graph).  Read
+    with literal keys and nothing else: each object read adds a guard checked on every call."""
+    if _ENVIRON_DATA is None:  # pragma: no cover - a platform whose os.environ has no backing dict
+        return os.environ.get("DISPATCHATTN_EXPLAIN"), os.environ.get("DISPATCHATTN_BACKEND")
+    return _ENVIRON_DATA.get(b"DISPATCHATTN_EXPLAIN"), _ENVIRON_DATA.get(b"DISPATCHATTN_BACKEND")
+
+
+def as_text(raw) -> str:
+    """A value from ``eager_raw`` / ``traced_raw`` as text ("" when unset)."""
+    if raw is None:
+        return ""
+    return raw if isinstance(raw, str) else os.environ.decodevalue(raw)
 
 
 def explain_level(raw: str | None = None) -> int:

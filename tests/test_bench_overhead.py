@@ -42,5 +42,7 @@ def test_floor_record(overhead):
 def test_compiled_record(overhead):
     record = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5)
     assert record["benchmark"].startswith("compiled") and record["ratio"] > 0
+    checks = record["guard_check_us"]
+    assert set(checks) == {"dispatchattn", "sdpa"} and all(t is None or t > 0 for t in checks.values())
     unguarded = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5, skip_guards=True)
     assert "guard evaluation skipped" in unguarded["benchmark"] and unguarded["ratio"] > 0
