@@ -46,3 +46,5 @@ def test_compiled_record(overhead):
     assert set(checks) == {"dispatchattn", "sdpa"} and all(t is None or t > 0 for t in checks.values())
     unguarded = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5, skip_guards=True)
     assert "guard evaluation skipped" in unguarded["benchmark"] and unguarded["ratio"] > 0
+    no_globals = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5, globals_unguarded=True)
+    assert "skip_guard_on_globals_unsafe" in no_globals["benchmark"] and no_globals["ratio"] > 0
