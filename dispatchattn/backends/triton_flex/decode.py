@@ -8,7 +8,7 @@ each K/V tile once per group; the kv tiles of one (batch, kv head) are spread ov
 
 - ``_decode_kernel``: grid (B * Hkv, num_splits, row tiles); online softmax in fp32 over the split's share of
   the partial kv tiles (score_mod + mask_mod) then of the full ones (score_mod only), applying the same
-  generated mods as the forward kernel (a copy of ``kernels._scores``) with ``h`` the q head of each row and ``q_idx``
+  generated mods through the forward kernel's ``kernels._scores``, with ``h`` the q head of each row and ``q_idx``
   the query's own index 0..Sq-1 (FlexAttention semantics, exactly as the forward kernel passes it); writes a
   normalised partial output and its log2-domain lse per split to fp32 scratch.
 - ``_decode_reduce_kernel``: merges the splits into ``out`` (input dtype) and ``lse`` (fp32, natural log);

@@ -6,37 +6,7 @@ Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): thi
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETED, LN2, _load_cols, _load_rows, _one_pass, _online_softmax_step
-
-
-@triton.jit
-def _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked,
-            SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
-    """(modded scores with -inf where not kept) of one tile: the forward kernel's ``kernels._scores`` (same
-    calls of the generated mods, ``q_idx`` = the query's index 0..Sq-1), with ``h`` a column of q heads (one per
-    row).  A copy, so that changes of the forward kernel's helper signature do not reach this kernel unseen.
-    ``masked``: constexpr ``True``, or in a one-pass loop whether (at run time) the tile is a masked one.
-    ``K_T``: ``k`` is the transposed tile (D x BLOCK_N), loaded through transposed pointers."""
-    if K_T:
-        raw = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
-    else:
-        raw = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-    q_idx = q_pos[:, None]
-    kv_idx = offs_n[None, :]
-    score = raw
-    if HAS_SCORE_MOD:
-        score = SCORE_MOD(raw, b, h, q_idx, kv_idx, B0, B1, B2, B3)
-    if APPLY_MASK:
-        if masked:
-            keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
-        else:
-            keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
-    elif CHECK_BOUNDS:
-        keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
-    else:
-        keep = (kv_idx >= 0) & (q_idx >= 0)
-    return tl.where(keep, score, float("-inf"))
+from .kernels import INTERPRETED, LN2, _load_cols, _load_rows, _one_pass, _online_softmax_step, _scores
 
 
 @triton.jit
@@ -79,8 +49,9 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
         else:
             k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        score = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD, MASK_MOD,
-                        HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, ONE_PASS)
+        # The forward kernel's helper, with q_idx = each row's query index and h a column of q heads.
+        _, score, _ = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
+                              MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, ONE_PASS)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
