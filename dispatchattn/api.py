@@ -112,7 +112,7 @@ def attention(
         _LAST = (sig, entry)
     spec, decision, runner, resolved_scale, direct = entry
     if explain_env is not None:
-        level = envs.explain_level()
+        level = envs.explain_level(envs.as_text(explain_env))
         if level and (fresh or level >= 2):
             _explain.report(str(decision), level)
     if direct is not None:

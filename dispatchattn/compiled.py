@@ -195,6 +195,7 @@ def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     override = _caps_override[-1] if _caps_override else None
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
+    # Without mods, _static_mod is not even called: each function dynamo inlines adds guards.
     mods = (score_mod, mask_mod) if score_mod is None and mask_mod is None else (_static_mod(score_mod),
                                                                                   _static_mod(mask_mod))
     name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,

@@ -1,8 +1,8 @@
 """Every environment variable dispatchattn reads, read here and nowhere else.
 
-Values are read on each call, so tests and users can change them at run time.  While torch.compile traces,
-they are read with ``os.environ.get`` (dynamo guards ``os.environ``); the two read by every warm eager call
-come from ``eager_raw`` below.
+Values are read on each call, so tests and users can change them at run time.  The two read by every call
+come from ``os.environ``'s backing dict: ``eager_raw`` in eager mode, ``traced_raw`` in code torch.compile
+traces (dynamo guards those two entries, so a changed value traces a new graph).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ FLASH_TRITON_AMD = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
 
 # ``os.environ.get`` costs ~1 us (the key is encoded through the Mapping ABC on every read), a third of the
 # dispatch budget of a warm call; ``os.environ``'s backing dict with the key encoded once costs ~0.1 us.
-# Traced code must not read that dict (dynamo guards ``os.environ`` itself), so these readers check.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENCODED = {}
 
@@ -44,8 +43,7 @@ if _ENVIRON_DATA is not None:
 
     def eager_raw() -> tuple[object, object]:
         """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND) as stored (None when unset), for the warm eager call
-        only: ~0.2 us for both.  The values are opaque tokens; parse them with ``explain_level`` and
-        ``backend_raw``."""
+        only: ~0.2 us for both.  ``as_text`` turns a value into text."""
         data = _ENVIRON_DATA
         return data.get(_EAGER_KEYS[0]), data.get(_EAGER_KEYS[1])
 else:  # pragma: no cover - a platform whose os.environ has no backing dict

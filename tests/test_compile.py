@@ -265,11 +265,12 @@ def test_triton_flex_with_captured_tensors_is_refused_while_compiling():
 def test_triton_flex_ops_pass_opcheck():
     from dispatchattn.backends.triton_flex import codegen, ops
     from dispatchattn.backends.triton_flex.autograd import heuristic_config
+    from dispatchattn.capabilities import probe
 
     q, k, v = _inputs((1, 2, 40, 16), grad=True)
     config = heuristic_config("fwd", 16, torch.float32, "cpu")
     spec = da.compiled.build_spec(q, k, v, mask_mod=da.masks.causal())
-    plan = ops.plan(spec, None, spec.mask, config, config, q.device)
+    plan = ops.plan(spec, None, spec.mask, config, config, q.device, probe(q.device))
     assert codegen.generated_by_key(plan.kernel_key).buffers == []
     fwd_args = (q, k, v, plan.kv_lists, plan.bwd_lists, plan.kernel_key, 0.25, plan.config, plan.bwd_config)
     torch.library.opcheck(ops.triton_flex_fwd, fwd_args)

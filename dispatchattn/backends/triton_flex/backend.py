@@ -147,13 +147,15 @@ class TritonFlexBackend(Backend):
         refused = spill_refusals(spec, caps)
         if not refused:
             return []
-        grad = spec.requires_grad or spec.mods_need_grad
-        if not grad and decoding(spec) and "decode" not in refused:
-            return []
-        kernels = ("fwd", "bwd") if grad else ("decode", "fwd") if decoding(spec) else ("fwd",)
-        if kernels[0] == "decode" and "fwd" not in refused:
-            return []  # the forward kernel runs it instead
-        return [refused[kernel] for kernel in kernels if kernel in refused]
+        if spec.requires_grad or spec.mods_need_grad:
+            runs = ("fwd", "bwd")
+        elif decoding(spec):
+            if "decode" not in refused or "fwd" not in refused:
+                return []  # the decoding kernel runs it, or the forward kernel in its place
+            runs = ("decode", "fwd")
+        else:
+            runs = ("fwd",)
+        return [refused[kernel] for kernel in runs if kernel in refused]
 
     @staticmethod
     def _mods_reason(spec: AttentionSpec) -> str | None:

@@ -167,7 +167,7 @@ class DecodePlan:
 
 
 def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig, device,
-         caps=None) -> Plan | DecodePlan:
+         caps) -> Plan | DecodePlan:
     """The trace-time plan for ``spec`` (mods bound to the lengths): the decoding op when ``backend.decoding``
     says so (``fwd_config`` is then the decoding config), else the forward op.  Raises ValueError when the ops
     cannot run it: a dense ``attn_mask`` or mods that capture tensors (their values may change between calls)."""
@@ -183,7 +183,7 @@ def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConf
     generated = codegen.generate(score_mod, mask_mod, device)
     if generated.buffers:
         raise ValueError(f"the mods capture {len(generated.buffers)} tensor(s)")
-    if caps is not None and decoding(spec, caps):
+    if decoding(spec, caps):
         from .decode import decoding_plan, group_lists
 
         lists = group_lists(mask_mod, batch=spec.batch, heads_q=spec.heads_q, heads_kv=spec.heads_kv,
