@@ -5,7 +5,7 @@ kernel's mod tracer): slow, fragile and a source of graph breaks.  Instead ``dec
 ``torch.compiler.assume_constant_result``: dynamo calls it once per trace with Python constants (shapes,
 dtypes, flags, the structure of ``da.masks`` / ``da.scores`` objects, the policy settings) and bakes the
 result into the graph as a constant.  The guards that make this sound are dynamo's own, installed by the
-reads in the traced caller, ``traced_decide``: tensor metadata (inputs and tensors captured by structured
+reads in the traced caller, ``traced_attention``: tensor metadata (inputs and tensors captured by structured
 mods), the mods' attributes, ``os.environ`` and the ``use_backends`` stack.
 
 The decision is data the selector already produces (spec, ``Decision``, backend); the kernels then run,
@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, is_grad_enabled  # traced code reads these names, not ``torch``: fewer guards
+from torch import Tensor  # traced code reads these names, not ``torch``: fewer guards
+from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from . import capabilities
 from . import explain as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
 from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
-from .envs import as_text, explain_level, traced_raw  # by name: reaching the module two ways adds a slow guard
+from .envs import TRACED_ENVIRON, as_text, explain_level  # by name: reaching a module adds guards
 from .masks import MaskMod
 from .scores import ScoreMod
 from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
@@ -35,11 +36,11 @@ from .spec import build_spec
 
 
 def _static_tensor(t):
-    """(shape as ints, dtype, device, requires_grad) of a tensor, read in traced code (sizes specialised)."""
+    """[shape as ints], dtype, device, requires_grad of a tensor, read in traced code (sizes specialised)."""
     if t is None or not isinstance(t, Tensor):
         return t
-    # len(range(size)) makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
-    return (tuple(len(range(size)) for size in t.shape), t.dtype, t.device, t.requires_grad)
+    # range(size).stop makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
+    return ([range(size).stop for size in t.shape], t.dtype, t.device, t.requires_grad)
 
 
 def _stand_in(static):
@@ -102,44 +103,44 @@ class _Decided:
 
 
 DECIDED = _Decided()
-#: The backend's ``direct`` function (or None) of each ``DECIDED`` entry, under the same name: a graph that
-#: runs one reads only it, so dynamo guards one object rather than the whole entry.
-DIRECT = _Decided()
 
 
 @torch.compiler.assume_constant_result
 def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, policy: tuple, grad_enabled: bool, explain_raw: str,
-                  caps_override) -> str:
-    """Decide a traced call; runs eagerly at trace time (tensors given as static tuples).  Returns the name in
-    ``DECIDED`` of ``(spec, decision, backend)`` and in ``DIRECT`` of the backend's direct function: dynamo
-    cannot guard attributes of a constant result, so the objects are read from those module-level holders in
-    traced code (guarded by identity, never changed)."""
+                  layout, return_lse, policy: tuple, explain_raw, backend_raw, caps_override) -> tuple:
+    """Decide a traced call; runs eagerly at trace time.  Tensors come as static tuples, the two environment
+    settings as ``os.environ`` stores them (``backend_raw`` is passed only so that the traced caller reads it,
+    which makes dynamo guard it; ``current_policy`` reads the same value here).
+
+    Returns ``(name, sdpa_arguments)``: the name in ``DECIDED`` of ``(spec, decision, backend)`` (dynamo cannot
+    guard attributes of a constant result, so the objects are read from that module-level holder in traced
+    code, guarded by identity, never changed); and where the decision is SDPA called as it is, the arguments
+    of that call after the mask (constants: nothing more to guard), else None."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
     score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
-    with torch.set_grad_enabled(grad_enabled):
-        spec = build_spec(*tensors[:3], tensors[3], dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
-                          mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
+    # build_spec reads the grad mode: the traced code's own (dynamo sets it as the region's no_grad /
+    # enable_grad blocks say while tracing, and guards it on entry with the rest of the global state).
+    spec = build_spec(*tensors[:3], tensors[3], dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
+                      mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
     policy = _policy(policy)
     decision = select_cached(spec, caps, policy)
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
         decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
-    level = explain_level(explain_raw)
+    level = explain_level(as_text(explain_raw))
     if level:  # reported when traced: once per graph, whatever the level
         _explain.report(str(decision), level)
-    direct = runner.direct(spec, caps, decision.config) if hasattr(runner, "direct") else None
     name = f"d{DECIDED.count}"
     setattr(DECIDED, name, (spec, decision, runner))
-    setattr(DIRECT, name, direct)
     DECIDED.count += 1
-    return name
+    return name, (runner.direct_arguments(spec) if decision.backend == "sdpa" else None)
 
 
 def _policy(settings: tuple) -> Policy:
     """The Policy from ``traced_attention``'s constants: ("context", allowed, source) for a use_backends block,
-    else ("call", backend, DISPATCHATTN_BACKEND value) resolved by ``current_policy`` (run here, not traced)."""
+    else ("call", backend) resolved by ``current_policy`` (run here, not traced: it reads DISPATCHATTN_BACKEND,
+    the value the traced code read, which dynamo guards)."""
     if settings[0] == "context":
         return Policy(settings[1], settings[2])
     return current_policy(settings[1])
@@ -183,26 +184,28 @@ def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     """The compiling branch of ``attention``: reads what dynamo must guard, decides at trace time, then runs the
     chosen backend, traced, on the caller's tensors and mods.
 
-    Every object read here becomes a guard that dynamo checks on each call of the compiled function (~0.1 us
-    each on a slow CPU), so this reads as little as it can: names imported directly rather than through
-    modules, a backend's ``direct`` function when it has one rather than the spec's attributes."""
-    explain_raw, backend_env = traced_raw()
-    explain_raw, backend_env = as_text(explain_raw), as_text(backend_env)
+    Every object read here becomes a guard that dynamo checks on each call of the compiled function.  On a CPU
+    with the caches cold after an attention kernel that costs ~0.35 us a guard (measured: the 40 guards this
+    function added before it was trimmed cost 2% at (1, 8, 128, 64), SDPA's 0.75 ms), so this reads as few
+    objects as it can: names imported directly rather than through modules, the environment's raw bytes
+    (decoded at trace time), SDPA called with constant keywords rather than through a backend's function."""
     if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
         policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
-    else:  # backend= or the environment (dynamo guards the os.environ read)
-        policy = ("call", _realized(backend), backend_env)
-    override = _caps_override[-1] if _caps_override else None
+    else:  # backend= or the environment (dynamo guards the two os.environ entries read below)
+        policy = ("call", _realized(backend))
     static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
     flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
     # Without mods, _static_mod is not even called: each function dynamo inlines adds guards.
     mods = (score_mod, mask_mod) if score_mod is None and mask_mod is None else (_static_mod(score_mod),
                                                                                   _static_mod(mask_mod))
-    name = decide_static(*static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
-                         is_grad_enabled(), explain_raw, override)
-    direct = getattr(DIRECT, name)
-    if direct is not None:
-        return direct(query, key, value)
+    name, sdpa_arguments = decide_static(
+        *static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
+        TRACED_ENVIRON.get(b"DISPATCHATTN_EXPLAIN"), TRACED_ENVIRON.get(b"DISPATCHATTN_BACKEND"),
+        _caps_override[-1] if _caps_override else None,
+    )
+    if sdpa_arguments is not None:
+        dropout, causal, scale, gqa = sdpa_arguments
+        return _sdpa(query, key, value, None, dropout, causal, scale=scale, enable_gqa=gqa)
     spec, decision, runner = getattr(DECIDED, name)
     # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
     mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod

@@ -1,7 +1,7 @@
 """Every environment variable dispatchattn reads, read here and nowhere else.
 
 Values are read on each call, so tests and users can change them at run time.  The two read by every call
-come from ``os.environ``'s backing dict: ``eager_raw`` in eager mode, ``traced_raw`` in code torch.compile
+come from ``os.environ``'s backing dict: ``eager_raw`` in eager mode, ``TRACED_ENVIRON`` in code torch.compile
 traces (dynamo guards those two entries, so a changed value traces a new graph).
 """
 
@@ -55,17 +55,21 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def traced_raw() -> tuple[object, object]:
-    """(DISPATCHATTN_EXPLAIN, DISPATCHATTN_BACKEND) as stored, None when unset, for code torch.compile traces:
-    dynamo guards the two entries of ``os.environ``'s backing dict (a changed value traces a new graph).  Read
-    with literal keys and nothing else: each object read adds a guard checked on every call."""
-    if _ENVIRON_DATA is None:  # pragma: no cover - a platform whose os.environ has no backing dict
-        return os.environ.get("DISPATCHATTN_EXPLAIN"), os.environ.get("DISPATCHATTN_BACKEND")
-    return _ENVIRON_DATA.get(b"DISPATCHATTN_EXPLAIN"), _ENVIRON_DATA.get(b"DISPATCHATTN_BACKEND")
+class _EnvironByBytes:
+    """``os.environ`` read with bytes keys, where its backing dict does not store them (Windows)."""
+
+    @staticmethod
+    def get(key: bytes):
+        return os.environ.get(key.decode())
+
+
+#: ``os.environ``'s backing dict, for code torch.compile traces to read with literal bytes keys (decoded with
+#: ``as_text``): dynamo then guards exactly those entries (a changed value traces a new graph), and nothing else.
+TRACED_ENVIRON = _ENVIRON_DATA if os.name == "posix" and isinstance(_ENVIRON_DATA, dict) else _EnvironByBytes()
 
 
 def as_text(raw) -> str:
-    """A value from ``eager_raw`` / ``traced_raw`` as text ("" when unset)."""
+    """A value from ``eager_raw`` / ``TRACED_ENVIRON`` as text ("" when unset)."""
     if raw is None:
         return ""
     return raw if isinstance(raw, str) else os.environ.decodevalue(raw)

@@ -21,18 +21,18 @@ def overhead():
 
 
 def test_eager_record(overhead):
-    record = overhead.measure(shape=(1, 2, 16, 8), rounds=3, inner=5)
+    record = overhead.measure(shape=(1, 2, 16, 8), pairs=5)
     assert record["backend"] == "sdpa"  # the figure is the dispatch cost in front of the same kernel
     assert record["shape"] == [1, 2, 16, 8] and record["dtype"] == "float32"
     assert record["dispatchattn_us"] > 0 and record["sdpa_us"] > 0
     assert record["ratio"] == pytest.approx(record["dispatchattn_us"] / record["sdpa_us"])
     assert record["added_us"] == pytest.approx(record["dispatchattn_us"] - record["sdpa_us"])
     q1, q3 = record["paired_ratio_quartiles"]
-    assert record["rounds"] == 3 and q1 <= record["paired_ratio_median"] <= q3
+    assert record["pairs"] == 5 and q1 <= record["paired_ratio_median"] <= q3
 
 
 def test_floor_record(overhead):
-    record = overhead.measure_floor(shape=(1, 2, 16, 8), rounds=3, inner=5)
+    record = overhead.measure_floor(shape=(1, 2, 16, 8), pairs=5)
     assert record["benchmark"].startswith("metadata floor") and record["ours_label"] != "da.attention"
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))  # the wrapper computes what SDPA computes
     torch.testing.assert_close(overhead._metadata_floor(q, k, v, is_causal=True),
@@ -40,11 +40,15 @@ def test_floor_record(overhead):
 
 
 def test_compiled_record(overhead):
-    record = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5)
-    assert record["benchmark"].startswith("compiled") and record["ratio"] > 0
+    record = overhead.measure_compiled(shape=(1, 2, 16, 8), pairs=5)
+    assert record["benchmark"].startswith("compiled") and record["ratio"] > 0 and record["pairs"] == 5
     checks = record["guard_check_us"]
     assert set(checks) == {"dispatchattn", "sdpa"} and all(t is None or t > 0 for t in checks.values())
-    unguarded = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5, skip_guards=True)
+    # The guards counted are those dynamo checks per call: SDPA's few, da.attention's more (and not many).
+    assert record["guards"] is None or record["sdpa_guards"] < record["guards"] <= 60
+    control = overhead.measure_compiled(shape=(1, 2, 16, 8), pairs=5, control=True)
+    assert "A/A" in control["benchmark"] and control["ours_label"] != "da.attention"
+    unguarded = overhead.measure_compiled(shape=(1, 2, 16, 8), pairs=5, skip_guards=True)
     assert "guard evaluation skipped" in unguarded["benchmark"] and unguarded["ratio"] > 0
-    no_globals = overhead.measure_compiled(shape=(1, 2, 16, 8), rounds=3, inner=5, globals_unguarded=True)
+    no_globals = overhead.measure_compiled(shape=(1, 2, 16, 8), pairs=5, globals_unguarded=True)
     assert "skip_guard_on_globals_unsafe" in no_globals["benchmark"] and no_globals["ratio"] > 0

@@ -281,7 +281,13 @@ def test_triton_flex_ops_pass_opcheck():
     torch.library.opcheck(ops.triton_flex_bwd, bwd_args)
 
 
-def test_environment_allow_list_is_read_and_guarded(monkeypatch):
+@pytest.mark.parametrize("reader", ["backing dict", "by name"])
+def test_environment_allow_list_is_read_and_guarded(monkeypatch, reader):
+    """Both ways traced code reads the environment: os.environ's backing dict with bytes keys (POSIX) and
+    ``os.environ.get`` by name (where the backing dict is keyed otherwise, e.g. Windows)."""
+    if reader == "by name":
+        monkeypatch.setattr(da.compiled, "TRACED_ENVIRON", da.envs._EnvironByBytes())
+
     def fn(q, k, v):
         return da.attention(q, k, v, is_causal=True)
 

@@ -106,13 +106,21 @@ class SdpaBackend(Backend):
             return [f"builds a dense {shape} mask/bias ({dense_bytes(spec) / 2**20:,.2f} MiB) from the mask/score mods"]
         return []
 
-    def direct(self, spec, caps=None, config=None):
-        # Only calls that reach SDPA unchanged: no mask tensor (its rows must be checked for emptiness per
-        # call), no dense mask to build, no transpose, no lse.
+    def direct_arguments(self, spec) -> tuple | None:
+        """``(dropout_p, is_causal, scale, enable_gqa)`` of one ``F.scaled_dot_product_attention(query, key, value,
+        None, *arguments)`` call that computes ``spec`` as it is, or None.  Only calls that reach SDPA unchanged:
+        no mask tensor (its rows must be checked for emptiness per call), no dense mask to build, no transpose,
+        no lse."""
         if spec.layout != "bhsd" or spec.attn_mask is not None or spec.return_lse or needs_dense_mask(spec):
             return None
-        kwargs = _non_defaults(spec)
-        is_causal = spec.is_causal or isinstance(spec.mask, Causal)
+        return (spec.dropout_p, spec.is_causal or isinstance(spec.mask, Causal), spec.scale,
+                spec.heads_q != spec.heads_kv)
+
+    def direct(self, spec, caps=None, config=None):
+        arguments = self.direct_arguments(spec)
+        if arguments is None:
+            return None
+        is_causal, kwargs = arguments[1], _non_defaults(spec)
         sdpa = F.scaled_dot_product_attention
         if not kwargs:  # the common case, without unpacking keywords on each call (~0.3 us)
             return lambda query, key, value: sdpa(query, key, value, is_causal=is_causal)
