@@ -179,8 +179,8 @@ def _realized(value):
     return value
 
 
-def traced_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                     layout, return_lse, backend):
+def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                     *, score_mod=None, mask_mod=None, layout="bhsd", return_lse=False, backend=None):
     """The compiling branch of ``attention``: reads what dynamo must guard, decides at trace time, then runs the
     chosen backend, traced, on the caller's tensors and mods.
 
