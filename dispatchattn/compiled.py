@@ -35,12 +35,19 @@ from .selector import Decision, Policy, UnsupportedError, _context_policies, cur
 from .spec import build_spec
 
 
-def _static_tensor(t):
-    """[shape as ints], dtype, device, requires_grad of a tensor, read in traced code (sizes specialised)."""
-    if t is None or not isinstance(t, Tensor):
-        return t
-    # range(size).stop makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
-    return ([range(size).stop for size in t.shape], t.dtype, t.device, t.requires_grad)
+def _constant(value):
+    """A traced argument as a Python constant for ``decide_static`` (one function for all: each function dynamo
+    inlines is a guard).  A tensor as ([sizes as ints], dtype, device, requires_grad); a float specialised
+    (under ``dynamic=True`` dynamo tracks floats symbolically); anything else realised (dynamo tracks an
+    argument left at its default lazily, and a lazy value cannot be handed to ``decide_static``)."""
+    if isinstance(value, Tensor):
+        # range(size).stop makes dynamo specialise a symbolic size to a Python int (int() would keep it symbolic).
+        return ([range(size).stop for size in value.shape], value.dtype, value.device, value.requires_grad)
+    if isinstance(value, float):
+        return float.fromhex(value.hex())  # specialises a symbolic float (float() would keep it symbolic)
+    if value:  # control flow on it realises a lazy tracker (with a constant-match guard)
+        pass
+    return value
 
 
 def _stand_in(static):
@@ -59,7 +66,7 @@ def _static_mod(mod):
     if isinstance(mod, (MaskMod, ScoreMod)):
         return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
     if isinstance(mod, Tensor):
-        return ("tensor", _static_tensor(mod))
+        return ("tensor", _constant(mod))
     if mod is None or not callable(mod):
         return mod  # validation at trace time says what is wrong with it
     code = getattr(mod, "__code__", None)
@@ -169,43 +176,34 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     return fallback, get_backend(fallback.backend)
 
 
-def _realized(value):
-    """``value`` as a guarded Python constant: dynamo tracks arguments left at their defaults lazily, and under
-    ``dynamic=True`` floats symbolically; neither can be handed to ``decide_static``."""
-    if isinstance(value, float):
-        return float.fromhex(value.hex())  # specialises a symbolic float (float() would keep it symbolic)
-    if value:  # control flow on it realises a lazy tracker (with a constant-match guard)
-        pass
-    return value
-
-
 def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                      *, score_mod=None, mask_mod=None, layout="bhsd", return_lse=False, backend=None):
-    """The compiling branch of ``attention``: reads what dynamo must guard, decides at trace time, then runs the
-    chosen backend, traced, on the caller's tensors and mods.
+    """``attention`` as torch.compile traces it (dynamo inlines this function in its place, see ``api.py``; the
+    signature is the same): reads what dynamo must guard, decides at trace time, then runs the chosen backend,
+    traced, on the caller's tensors and mods.
 
-    Every object read here becomes a guard that dynamo checks on each call of the compiled function.  On a CPU
-    with the caches cold after an attention kernel that costs ~0.35 us a guard (measured: the 40 guards this
-    function added before it was trimmed cost 2% at (1, 8, 128, 64), SDPA's 0.75 ms), so this reads as few
-    objects as it can: names imported directly rather than through modules, the environment's raw bytes
-    (decoded at trace time), SDPA called with constant keywords rather than through a backend's function."""
+    Every object read here becomes a guard that dynamo checks on each call of the compiled function, with the
+    CPU's caches cold after the previous kernel: at (1, 8, 128, 64) on CPU, 58 guards cost ~2% over SDPA's own
+    function (15 guards) and 34 cost ~1% (``bench/overhead.py``, paired single calls).  So this reads as few
+    objects as it can: names imported directly rather than through modules, one function to make constants,
+    the environment's raw bytes (decoded at trace time), SDPA called with constant arguments rather than
+    through a backend's function."""
     if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
         policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
     else:  # backend= or the environment (dynamo guards the two os.environ entries read below)
-        policy = ("call", _realized(backend))
-    static = [_static_tensor(t) for t in (query, key, value, attn_mask)]
-    flags = [_realized(x) for x in (dropout_p, is_causal, scale, enable_gqa)]
+        policy = ("call", _constant(backend))
+    arguments = [_constant(x) for x in (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)]
     # Without mods, _static_mod is not even called: each function dynamo inlines adds guards.
     mods = (score_mod, mask_mod) if score_mod is None and mask_mod is None else (_static_mod(score_mod),
                                                                                   _static_mod(mask_mod))
     name, sdpa_arguments = decide_static(
-        *static, *flags, *mods, _realized(layout), _realized(return_lse), policy,
+        *arguments, *mods, _constant(layout), _constant(return_lse), policy,
         TRACED_ENVIRON.get(b"DISPATCHATTN_EXPLAIN"), TRACED_ENVIRON.get(b"DISPATCHATTN_BACKEND"),
         _caps_override[-1] if _caps_override else None,
     )
     if sdpa_arguments is not None:
-        dropout, causal, scale, gqa = sdpa_arguments
-        return _sdpa(query, key, value, None, dropout, causal, scale=scale, enable_gqa=gqa)
+        sdpa_dropout, sdpa_causal, sdpa_scale, sdpa_gqa = sdpa_arguments
+        return _sdpa(query, key, value, None, sdpa_dropout, sdpa_causal, scale=sdpa_scale, enable_gqa=sdpa_gqa)
     spec, decision, runner = getattr(DECIDED, name)
     # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
     mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod

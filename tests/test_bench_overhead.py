@@ -44,7 +44,7 @@ def test_compiled_record(overhead):
     assert record["benchmark"].startswith("compiled") and record["ratio"] > 0 and record["pairs"] == 5
     checks = record["guard_check_us"]
     assert set(checks) == {"dispatchattn", "sdpa"} and all(t is None or t > 0 for t in checks.values())
-    # The guards dynamo checks per call: SDPA's function 15, da.attention's 34 (torch 2.13): not attention's
+    # The guards dynamo checks per call: SDPA's function 15, da.attention's 33 (torch 2.13): not attention's
     # code or defaults (dynamo inlines traced_attention in its place), only what the decision depends on.
     assert record["guards"] is None or record["sdpa_guards"] < record["guards"] <= 40
     control = overhead.measure_compiled(shape=(1, 2, 16, 8), pairs=5, control=True)
