@@ -215,11 +215,14 @@ def write_heuristic_defaults(
     force: bool = False,
     compile_check: bool = False,
     targets: Iterable[str] = AOT_TARGETS,
+    variants: Iterable[str] | None = None,
 ) -> list[Path]:
     """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
 
     ``compile_check``: compile every bf16 entry for its target (``verify.verify_document``), shrink what
-    is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.
+    is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.  ``variants``: the
+    ``aot_report.CHECKED_VARIANTS`` a config must fit with (default: all of them); the document records them in
+    ``produced["variants_checked"]``.
     """
     written = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -235,10 +238,15 @@ def write_heuristic_defaults(
         if compile_check:
             from . import verify
 
-            for line in verify.verify_document(new, target):
-                print(line)
+            checked = tuple(verify.ALL_VARIANTS if variants is None else variants)
+            for line in verify.verify_document(new, target, variants=checked):
+                print(line, flush=True)
             verify.copy_checked(new)
-            new["produced"]["how"] += " --compile-check"
+            for line in verify.compile_copied(new, target, variants=checked):
+                print(line, flush=True)
+            new["produced"]["how"] += " --compile-check" + (
+                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}")
+            new["produced"]["variants_checked"] = list(dict.fromkeys(("plain", *checked)))
         elif old is not None and same_configs(old, new) and not force:
             continue
         path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -254,12 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-check", action="store_true",
                         help="compile each bf16 config ahead of time for its target; shrink what is rejected")
     parser.add_argument("--targets", default=",".join(AOT_TARGETS), help="comma-separated targets")
+    parser.add_argument("--variants", default=None,
+                        help="with --compile-check: comma-separated variants a config must fit with (default: all of "
+                             "plain, causal, sliding_window, softcap, alibi, relative_bias; 'plain' is the fastest)")
     args = parser.parse_args(argv)
     if not args.write:
         parser.print_help()
         return 2
     targets = [t for t in args.targets.split(",") if t]
-    for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets):
+    variants = [v for v in args.variants.split(",") if v] if args.variants else None
+    for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets,
+                                         variants=variants):
         print(f"wrote {path}")
     return 0
 

@@ -2,7 +2,9 @@
 
 The resource estimate in ``space.py`` prunes before timing; it cannot see what Triton really allocates.
 ``verify_document`` compiles every entry's config with ``backends.triton_flex.aot`` (each launch of the
-kernel: forward, or the backward's dK/dV and dQ).  While every config tried for an entry is rejected
+kernel: forward, or the backward's dK/dV and dQ), with each of ``variants`` (the plain kernels and, from the
+CLI by default, every ``aot_report.CHECKED_VARIANTS`` mask and score: a config passes only if all fit).  While
+every config tried for an entry is rejected
 (shared memory over the limit, registers spilled, the wrong matrix instructions), the next round tries
 each rejected config one pipeline stage shorter and one shrink step smaller (as the heuristic shrinks),
 and keeps the largest tile that passes.  Each entry records what was measured in ``checked``; it is
@@ -11,11 +13,14 @@ still not timed, so ``"measured": false`` stays.
 Where no config tried passes (nor one that only misses the fast matrix instruction) but some compile and
 only spill, the entry ships no config: it gets ``"no_spill_free_tile"`` instead (the least-spilling tile
 tried and what each launch spilled with it), and the triton_flex backend refuses that kernel on that target
-(``shipped.refusal``).  A spilling config is never shipped.
+(``shipped.refusal``).  A config whose plain kernels spill is never shipped.  Where the plain kernels fit but
+no config tried fits every variant, the config the other variants spill least with ships, and the entry names
+what they spill in ``"variant_spills"`` (the kernel is not refused: a model's own mods are unchecked too).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import replace
@@ -30,11 +35,55 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _summary(records) -> str:
+    """Each plain launch's resources, then (when other variants were compiled) the most registers per launch
+    over them and which spill."""
     parts = []
     for record in records:
+        if _variant(record) != "plain":
+            continue
         spill = f", {record.spill_bytes:,} B spilled" if record.spill_bytes else ", no spills"
         parts.append(f"{record.kernel} {record.total_shared_bytes:,} B shared, {record.registers} registers{spill}")
+    mods = [r for r in records if _variant(r) != "plain"]
+    if mods:
+        most: dict = {}
+        for r in mods:
+            if r.kernel not in most or (r.registers or 0) > (most[r.kernel].registers or 0):
+                most[r.kernel] = r
+        spilling = [r for r in mods if r.spill_bytes or r.spill_count]
+        text = (f"with {', '.join(dict.fromkeys(_variant(r) for r in mods))}: most registers "
+                + ", ".join(f"{k} {r.registers} ({_variant(r)})" for k, r in most.items()))
+        if spilling:
+            text += "; spills: " + ", ".join(
+                f"{r.kernel} ({_variant(r)}) {r.spill_count or 0} VGPRs, {r.spill_bytes or 0:,} B" for r in spilling)
+        else:
+            text += ", no spills"
+        parts.append(text)
     return "; ".join(parts)
+
+
+def variant_spills(records) -> dict:
+    """``{variant: {launch: {spilled_registers, spill_bytes, registers}}}`` of the launches that spill."""
+    found: dict = {}
+    for r in records:
+        if r.spill_bytes or r.spill_count:
+            found.setdefault(_variant(r), {})[r.kernel] = {
+                "spilled_registers": r.spill_count or 0, "spill_bytes": r.spill_bytes or 0, "registers": r.registers}
+    return found
+
+
+def _variant(record) -> str:
+    return getattr(record, "variant", "plain")
+
+
+def _plain(reasons: list, records: list) -> list:
+    return [reason for reason, record in zip(reasons, records) if _variant(record) == "plain"]
+
+
+def _round(pending: dict, target: str, workers: int, variants: tuple[str, ...]):
+    """``_compile_round``, naming ``variants`` only when there are more than the plain one."""
+    if len(variants) > 1:
+        return _compile_round(pending, target, workers, variants=variants)
+    return _compile_round(pending, target, workers)
 
 
 def _preference(config: TileConfig) -> tuple:
@@ -42,18 +91,63 @@ def _preference(config: TileConfig) -> tuple:
     return (-config.block_m * config.block_n, -config.num_stages, config.num_warps, config.block_m)
 
 
-def _compile_round(pending: dict[tuple[str, TileConfig], tuple[str, str, int]], target: str, workers: int):
-    """({(entry, config): [reject reason or None per launch]}, {(entry, config): [records]})."""
-    from ..backends.triton_flex import aot
+#: Variants the compile check covers by default: every catalogue variant the tests compile
+#: (``aot_report.CHECKED_VARIANTS``), plain first.  A shipped tile must fit with all of them, not only with the plain
+#: kernels: a mask or score adds live registers (gfx1100 at its 256 VGPRs spilled with 10 of 60 mod variants on the
+#: tiles chosen for the plain kernels).
+ALL_VARIANTS = ("plain", "causal", "sliding_window", "softcap", "alibi", "relative_bias")
+
+
+@functools.cache
+def _generated(variant: str):
+    """The generated mods of a ``CHECKED_VARIANTS`` variant (built once per process)."""
+    from ..backends.triton_flex import aot_report, codegen
+
+    mask, score = aot_report.CHECKED_VARIANTS[variant]
+    return codegen.generate(aot_report._build(score, aot_report.SCORES), aot_report._build(mask, aot_report.MASKS))
+
+
+def _variant_jobs(pending, target: str, variant: str, mod_free_too: bool):
+    from ..backends.triton_flex import aot, aot_report
 
     jobs, owners = [], []
     for (name, config), (kernel, dtype, head_dim) in pending.items():
         for launch in LAUNCHES[kernel]:
-            jobs.append(aot.make_job(launch, config, target, DTYPE_SHORT[dtype], head_dim))
+            if launch in aot_report.MOD_FREE and not mod_free_too:
+                continue  # reads no mods: compiled once, with the plain variant
+            jobs.append(aot.make_job(launch, config, target, DTYPE_SHORT[dtype], head_dim,
+                                     generated=_generated(variant), variant=variant))
             owners.append((name, config))
+    return jobs, owners
+
+
+def _compile_round(
+    pending: dict[tuple[str, TileConfig], tuple[str, str, int]], target: str, workers: int,
+    variants: Iterable[str] = ("plain",),
+):
+    """({(entry, config): [reject reason or None per launch]}, {(entry, config): [records]}).
+
+    The plain kernels are compiled first; only the configs they pass (or reject for the matrix instruction
+    alone) are compiled with the other ``variants`` (the launches that read the mods), whose records follow the
+    plain ones (``record.variant`` names each).
+    """
+    from ..backends.triton_flex import aot
+
     records: dict[tuple[str, TileConfig], list] = {owner: [] for owner in pending}
+    jobs, owners = _variant_jobs(pending, target, "plain", mod_free_too=True)
     for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers)):
         records[owner].append(record)
+    others = [v for v in variants if v != "plain"]
+    if others:
+        survivors = {owner: entry for owner, entry in pending.items()
+                     if _only_instruction_problem([aot.reject_reason(r) for r in records[owner]])}
+        jobs, owners = [], []
+        for variant in others:
+            more_jobs, more_owners = _variant_jobs(survivors, target, variant, mod_free_too=False)
+            jobs += more_jobs
+            owners += more_owners
+        for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers)):
+            records[owner].append(record)
     return {owner: [aot.reject_reason(r) for r in records[owner]] for owner in pending}, records
 
 
@@ -118,27 +212,59 @@ def _only_instruction_problem(reasons: list[str | None]) -> bool:
     return all(r is None or all(" matrix instructions on " in part for part in r.split("; ")) for r in reasons)
 
 
+def _keep_plain_only(plain_only: dict, name: str, config: TileConfig, records) -> None:
+    """Keep the config whose plain launches pass and whose other variants spill least (then the preferred one)."""
+    mods = [r for r in records if _variant(r) != "plain"]
+    if name not in plain_only or (_spill_key(mods), _preference(config)) < (
+        _spill_key([r for r in plain_only[name][1] if _variant(r) != "plain"]), _preference(plain_only[name][0])
+    ):
+        plain_only[name] = (config, records)
+
+
+def _sort_out(name: str, config: TileConfig, reasons: list, records: list, state: dict) -> None:
+    """File a rejected config: least-spilling plain kernels, fits-but-slow-instruction, plain-only pass."""
+    plain = _plain(reasons, records)
+    if any(plain) and _only_spill_problem(plain):
+        _keep_least(state["least"], name, config, [r for r in records if _variant(r) == "plain"])
+    fallback = state["fallback"]
+    if _only_instruction_problem(reasons) and (
+        name not in fallback or _preference(config) < _preference(fallback[name][0])
+    ):
+        fallback[name] = (config, records)
+    if not any(plain) and _only_spill_problem(reasons):
+        _keep_plain_only(state["plain_only"], name, config, records)
+
+
 def verify_document(
-    document: dict, target: str, dtypes: Iterable[str] = ("bfloat16",), workers: int = 2
+    document: dict, target: str, dtypes: Iterable[str] = ("bfloat16",), workers: int = 2,
+    variants: Iterable[str] = ("plain",),
 ) -> list[str]:
     """Compile (and where rejected, shrink) the entries of ``document`` for ``target`` of ``dtypes``.
 
-    Updates entries in place (``config``, ``checked``, ``note``); returns one line per entry for a log.
+    ``variants`` (names of ``aot_report.CHECKED_VARIANTS``): a config passes only if every launch of every one
+    of them compiles, fits, does not spill and uses the fast matrix instruction.  Updates entries in place
+    (``config``, ``checked``, ``note``; ``variant_spills`` or ``no_spill_free_tile`` where nothing passes);
+    returns one line per entry for a log.
     """
     import triton
 
+    variants = ("plain", *(v for v in variants if v != "plain"))
     entries, log = _entries(document, dtypes), []
     frontier = {name: [TileConfig.from_dict(document["tile_configs"][name]["config"])] for name in entries}
     first_rejection: dict[str, str] = {}
-    fallback: dict[str, tuple[TileConfig, list]] = {}  # best config that fits but not with the fast instruction
-    least: dict[str, tuple[TileConfig, list]] = {}  # least-spilling config of entries where nothing fits yet
+    state: dict[str, dict[str, tuple[TileConfig, list]]] = {
+        "fallback": {},  # best config that fits (every variant) but not with the fast instruction
+        "least": {},  # least-spilling config of entries whose plain kernels fit nowhere yet
+        "plain_only": {},  # config whose plain kernels pass, other variants spilling least
+    }
     tried: dict[str, set] = {name: set() for name in entries}
+    checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
     for _ in range(MAX_ROUNDS):
         frontier = {name: configs for name, configs in frontier.items() if configs}  # drop exhausted entries
         if not frontier:
             break
         pending = {(name, c): entries[name] for name, configs in frontier.items() for c in configs}
-        reasons, records = _compile_round(pending, target, workers)
+        reasons, records = _round(pending, target, workers, variants)
         for name, configs in list(frontier.items()):
             entry = document["tile_configs"][name]
             tried[name].update(configs)
@@ -147,23 +273,20 @@ def verify_document(
                 best = min(passing, key=_preference)
                 entry["config"] = best.to_dict()
                 summary = _summary(records[(name, best)])
-                entry["checked"] = f"compiled with Triton {triton.__version__} for {target}: {summary}"
+                entry["checked"] = f"compiled with Triton {triton.__version__} for {target}{checked_with}: {summary}"
                 log.append(f"{target} {name}: {best.short()} fits")
                 del frontier[name]
                 continue
             for c in configs:
-                if _only_spill_problem(reasons[(name, c)]):
-                    _keep_least(least, name, c, records[(name, c)])
-                if _only_instruction_problem(reasons[(name, c)]) and (
-                    name not in fallback or _preference(c) < _preference(fallback[name][0])
-                ):
-                    fallback[name] = (c, records[(name, c)])
+                _sort_out(name, c, reasons[(name, c)], records[(name, c)], state)
             problems = {c: next(r for r in reasons[(name, c)] if r) for c in configs}
             first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
             children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
             frontier[name] = sorted(children, key=_preference)[:FRONTIER]
     unresolved = first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}
-    log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers, least, tried)
+    log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers, state, tried,
+                             variants)
+    least, fallback, plain_only = state["least"], state["fallback"], state["plain_only"]
     for name in first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}:
         entry = document["tile_configs"][name]
         if name in fallback:
@@ -173,11 +296,24 @@ def verify_document(
             )
             entry["config"] = config.to_dict()
             entry["checked"] = (
-                f"compiled with Triton {triton.__version__} for {target}: {_summary(records)}; no config with the "
-                f"fast matrix instruction avoided spills (first tried {first_rejection[name]}), so this is the "
-                f"largest non-spilling one; {', '.join(slow)}"
+                f"compiled with Triton {triton.__version__} for {target}{checked_with}: {_summary(records)}; no config "
+                f"with the fast matrix instruction avoided spills (first tried {first_rejection[name]}), so this is "
+                f"the largest non-spilling one; {', '.join(slow)}"
             )
             log.append(f"{target} {name}: {config.short()} fits without the fast matrix instruction")
+            continue
+        if name in plain_only:  # the plain kernels fit: ship the tile the other variants spill least with, say so
+            config, records = plain_only[name]
+            spills = variant_spills(records)
+            entry["config"] = config.to_dict()
+            entry["variant_spills"] = spills
+            entry["checked"] = (
+                f"compiled with Triton {triton.__version__} for {target}{checked_with}: no config tried fits every "
+                f"variant (first tried {first_rejection[name]}); the plain kernels fit with this one and the other "
+                f"variants spill least: {_summary(records)}"
+            )
+            log.append(f"{target} {name}: {config.short()} fits the plain kernels; spills with "
+                       + ", ".join(f"{v} ({', '.join(launches)})" for v, launches in spills.items()))
             continue
         if name in least:  # every config tried compiles but spills: ship none, say so (the backend refuses it)
             config, records = least[name]
@@ -205,31 +341,46 @@ SMALL_TILES = tuple(TileConfig(m, n, num_warps=w, num_stages=1)
 
 
 def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str, str, int]], workers: int,
-                      least: dict | None = None, tried: dict | None = None) -> list:
+                      state: dict | None = None, tried: dict | None = None, variants: Iterable[str] = ("plain",)
+                      ) -> list:
     """Compile ``SMALL_TILES`` for entries nothing else passed; keep the largest that fits with the target's
-    matrix instruction.  ``least`` / ``tried``: updated with the least-spilling config and every config tried."""
+    matrix instruction (with every variant).  ``state`` / ``tried``: updated as ``verify_document`` keeps them.
+
+    The plain kernels of every small tile are compiled at once; the other variants one tile per entry at a time,
+    largest first, until one passes (so an entry compiles its mods for as few tiles as it can)."""
     import triton
 
     if not entries:
         return []
-    least = {} if least is None else least
+    state = {"least": {}, "fallback": {}, "plain_only": {}} if state is None else state
     tried = {} if tried is None else tried
+    variants = ("plain", *(v for v in variants if v != "plain"))
     pending = {(name, c): entry for name, entry in entries.items() for c in SMALL_TILES}
-    reasons, records = _compile_round(pending, target, workers)
-    log = []
+    reasons, records = _compile_round(pending, target, workers)  # the plain kernels only
+    queue: dict[str, list[TileConfig]] = {}
     for name in entries:
         tried.setdefault(name, set()).update(SMALL_TILES)
         for c in SMALL_TILES:
-            if _only_spill_problem(reasons[(name, c)]):
-                _keep_least(least, name, c, records[(name, c)])
-        passing = [c for c in SMALL_TILES if not any(reasons[(name, c)])]
-        if not passing:
-            continue
-        best = min(passing, key=_preference)
+            if any(reasons[(name, c)]):
+                _sort_out(name, c, reasons[(name, c)], records[(name, c)], state)
+        queue[name] = sorted((c for c in SMALL_TILES if not any(reasons[(name, c)])), key=_preference)
+    log, found = [], {}
+    while any(queue.values()):
+        batch = {(name, configs.pop(0)): entries[name] for name, configs in queue.items() if configs}
+        batch_reasons, batch_records = (_round(batch, target, workers, variants) if len(variants) > 1
+                                        else ({k: reasons[k] for k in batch}, {k: records[k] for k in batch}))
+        for (name, c), config_reasons in batch_reasons.items():
+            if not any(config_reasons):
+                found[name] = (c, batch_records[(name, c)])
+                queue[name] = []
+            else:
+                _sort_out(name, c, config_reasons, batch_records[(name, c)], state)
+    checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
+    for name, (best, best_records) in found.items():
         entry = document["tile_configs"][name]
         entry["config"] = best.to_dict()
-        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}: "
-                            f"{_summary(records[(name, best)])} (small-tile sweep: the shrink search found none)")
+        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
+                            f"{_summary(best_records)} (small-tile sweep: the shrink search found none)")
         log.append(f"{target} {name}: {best.short()} fits (small-tile sweep)")
     return log
 
@@ -240,9 +391,37 @@ def copy_checked(document: dict, source_dtype: str = "bfloat16", target_dtype: s
         kernel, dtype, dims = name.split()
         twin = document["tile_configs"].get(f"{kernel} {source_dtype} {dims}")
         if dtype == target_dtype and twin and "checked" in twin:
+            entry.pop("variant_spills", None)
+            if "variant_spills" in twin:
+                entry["variant_spills"] = json.loads(json.dumps(twin["variant_spills"]))
             if "config" in twin:
                 entry["config"] = dict(twin["config"])
             else:  # no spill-free tile: the same element size spills the same
                 entry.pop("config", None)
                 entry["no_spill_free_tile"] = json.loads(json.dumps(twin["no_spill_free_tile"]))
             entry["checked"] = f"as {source_dtype} (same element size): {twin['checked']}"
+
+
+def compile_copied(document: dict, target: str, dtype: str = "float16", workers: int = 2,
+                   variants: Iterable[str] = ("plain",)) -> list[str]:
+    """Compile the configs ``copy_checked`` gave ``dtype`` entries, with every one of ``variants``: their
+    ``variant_spills`` become what ``dtype`` spills (fp16 and bf16 need different registers: gfx1100 dK/dV at
+    D=128 with relative_bias spills 54 VGPRs in bf16, 59 in fp16), and ``checked`` says what ``dtype`` measured.
+    Returns one line per entry that spills anything."""
+    variants = ("plain", *(v for v in variants if v != "plain"))
+    entries = {name: entry for name, entry in _entries(document, (dtype,)).items()
+               if "config" in document["tile_configs"][name] and "checked" in document["tile_configs"][name]}
+    pending = {(name, TileConfig.from_dict(document["tile_configs"][name]["config"])): entry
+               for name, entry in entries.items()}
+    _, all_records = _round(pending, target, workers, variants)
+    log = []
+    for (name, _config), records in all_records.items():
+        entry = document["tile_configs"][name]
+        entry.pop("variant_spills", None)
+        spills = variant_spills(records)
+        if spills:
+            entry["variant_spills"] = spills
+            log.append(f"{target} {name}: spills with "
+                       + ", ".join(f"{v} ({', '.join(launches)})" for v, launches in spills.items()))
+        entry["checked"] += f"; compiled for {dtype} too: {_summary(records)}"
+    return log

@@ -197,6 +197,32 @@ def refused(records: list[aot.AotRecord]) -> list[str]:
     return lines
 
 
+def variant_spills(records: list[aot.AotRecord]) -> list[str]:
+    """One line per shipped entry of the records' targets, dtypes and head dims whose config fits the plain kernels
+    but spills with some ``CHECKED_VARIANTS`` (``variant_spills``: no tile tried fits every variant)."""
+    lines = []
+    dtypes = {TORCH_DTYPE_NAMES.get(r.dtype, r.dtype) for r in records}
+    head_dims = {r.head_dim for r in records}
+    for target in dict.fromkeys(r.target for r in records):
+        document = shipped.load_target(target) or {"tile_configs": {}}
+        for name, entry in sorted(document["tile_configs"].items()):
+            kernel, dtype_name, dims = name.split()
+            head_dim = int(dims.removeprefix("d").split("/")[0])
+            if not entry.get("variant_spills") or dtype_name not in dtypes or head_dim not in head_dims:
+                continue
+            config = TileConfig.from_dict(entry["config"])
+            spills = "; ".join(
+                f"{variant}: " + ", ".join(
+                    f"{shipped.LAUNCH_WORDS.get(launch, launch)} {spill['spilled_registers']} VGPRs / "
+                    f"{spill['spill_bytes']:,} B" if spill.get("spilled_registers")
+                    else f"{shipped.LAUNCH_WORDS.get(launch, launch)} {spill['spill_bytes']:,} B"
+                    for launch, spill in launches.items())
+                for variant, launches in entry["variant_spills"].items())
+            lines.append(f"- {target} {shipped.KERNEL_WORDS.get(kernel, kernel)} {dtype_name} head_dim {head_dim}, "
+                         f"{config.block_m}x{config.block_n} w{config.num_warps}: {spills}")
+    return lines
+
+
 def render_text(records: list[aot.AotRecord]) -> str:
     """A fixed-width table, then every reason a config does not fit, then the kernels that ship no config."""
     rows = [list(COLUMNS)] + [row(r) for r in records]
@@ -207,6 +233,9 @@ def render_text(records: list[aot.AotRecord]) -> str:
     lines += [""] + reasons if reasons else []
     lines += ["", "No config ships (every config tried spills; triton_flex refuses these):", *none_shipped] \
         if none_shipped else []
+    spilling = variant_spills(records)
+    lines += ["", "Shipped configs that spill with some variants (no tile fits every one):", *spilling] \
+        if spilling else []
     return "\n".join(lines)
 
 
@@ -256,6 +285,11 @@ def render_markdown(records: list[aot.AotRecord], command: str) -> str:
              "Every config tried compiles with spills (the shipped entry records `no_spill_free_tile`), so no",
              "config ships and the triton_flex backend refuses calls that would launch the kernel there:", "",
              *(refused(records) or ["None."]), ""]
+    tail += ["## Shipped configs that spill with some variants", "",
+             "No tile tried fits every checked variant (plain, causal, sliding window, softcap, ALiBi, relative",
+             "bias) but the plain kernels fit: the entry ships the tile the other variants spill least with and",
+             "records them in `variant_spills` (spilled VGPRs / scratch bytes per lane):", "",
+             *(variant_spills(records) or ["None."]), ""]
     return "\n".join(_markdown_header(records, command) + body + tail)
 
 
