@@ -79,7 +79,7 @@ def plot_overhead(document: dict, stem: str, out: Path) -> list[Path]:
     """Microseconds per warm call, da.attention vs direct SDPA: one panel per measured shape."""
     plt = _pyplot()
     records = document.get("results", [document])  # {"results": [...]} or one record
-    fig, axes = plt.subplots(len(records), 1, figsize=(7.5, 0.4 + 1.4 * len(records)), squeeze=False)
+    fig, axes = plt.subplots(len(records), 1, figsize=(8.5, 0.4 + 1.6 * len(records)), squeeze=False)
     for ax, record in zip(axes[:, 0], records):
         values = [record["sdpa_us"], record["dispatchattn_us"]]
         ours = record.get("ours_label", "da.attention")  # the metadata-floor record labels its wrapper
@@ -88,9 +88,12 @@ def plot_overhead(document: dict, stem: str, out: Path) -> list[Path]:
             ax.text(value, y, f" {value:.1f} us", va="center")
         ax.invert_yaxis()
         ax.set_xlim(0, max(values) * 1.35)
-        ax.set_title(
-            f"{record.get('benchmark', 'dispatch overhead')}, shape {tuple(record.get('shape', ()))}", fontsize="small"
-        )
+        paired = ""
+        if "paired_ratio_median" in record:  # the per-pair ratio resolves what the two medians cannot
+            q1, q3 = record["paired_ratio_quartiles"]
+            paired = f"\npaired ratio {record['paired_ratio_median']:.3f} [quartiles {q1:.3f}, {q3:.3f}]"
+        ax.set_title(f"{record.get('benchmark', 'dispatch overhead')}, shape {tuple(record.get('shape', ()))}{paired}",
+                     fontsize="small")
     axes[-1, 0].set_xlabel("microseconds per warm call (median)")
     first = records[0]
     fig.suptitle(f"{first.get('device')} · torch {first.get('torch')} · {first.get('date')}", fontsize="small")
