@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..capabilities import ARCHS, ArchInfo, DeviceCaps
+from . import measured_space
 from .config import TileConfig
 
 KERNELS = ("fwd", "bwd", "decode")
@@ -230,12 +231,16 @@ def config_space(
 
     CUDA: BLOCK_M x BLOCK_N x num_warps {4, 8} x num_stages {1..4}.  ROCm (stages 1): the same tiles x
     num_warps x waves_per_eu x matrix_instr_nonkdim (forward), as FlexAttention's max-autotune sweeps
-    (KERNEL_NOTES section 4).  The heuristic default is always included when it fits.
+    (KERNEL_NOTES section 4).  The heuristic default is always included when it fits.  On the targets of
+    ``measured_space`` (RDNA3) in 16-bit dtypes: the configs compiled for it ahead of time without a spill.
     """
     arch = _arch_of(arch_or_caps)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if arch not in ARCHS:
         return []
+    measured = measured_space.verdicts(kernel, arch, dtype, max(head_dim, head_dim_v))
+    if measured is not None:  # no estimate predicts spills there: the configs compiled without any
+        return sorted(config for config, rejected in measured.items() if rejected is None)
     vendor = ARCHS[arch].vendor
     if kernel == "decode":
         candidates = set(_decode_candidates(arch, dtype))
