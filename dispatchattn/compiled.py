@@ -119,10 +119,11 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     settings as ``os.environ`` stores them (``backend_raw`` is passed only so that the traced caller reads it,
     which makes dynamo guard it; ``current_policy`` reads the same value here).
 
-    Returns ``(name, sdpa_arguments)``: the name in ``DECIDED`` of ``(spec, decision, backend)`` (dynamo cannot
-    guard attributes of a constant result, so the objects are read from that module-level holder in traced
-    code, guarded by identity, never changed); and where the decision is SDPA called as it is, the arguments
-    of that call after the mask (constants: nothing more to guard), else None."""
+    Returns ``(name, sdpa_arguments, run_message)``: the name in ``DECIDED`` of ``(spec, decision, backend)``
+    (dynamo cannot guard attributes of a constant result, so the objects are read from that module-level holder
+    in traced code, guarded by identity, never changed); where the decision is SDPA called as it is, the
+    arguments of that call after the mask (constants: nothing more to guard), else None; with
+    ``DISPATCHATTN_EXPLAIN=2`` the decision as text, which the graph logs on every run, else None."""
     tensors = [_stand_in(t) for t in (query, key, value, attn_mask)]
     score_mod, mask_mod = _rebuild_mod(score_mod, _opaque_score), _rebuild_mod(mask_mod, _opaque_mask)
     # build_spec reads the grad mode: the traced code's own (dynamo sets it as the region's no_grad /
@@ -136,12 +137,31 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     if decision.backend == "triton_flex":
         decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
     level = explain_level(as_text(explain_raw))
-    if level:  # reported when traced: once per graph, whatever the level
+    if level == 1:  # reported when traced (each distinct decision once); level 2: by the graph, on every run
         _explain.report(str(decision), level)
     name = f"d{DECIDED.count}"
     setattr(DECIDED, name, (spec, decision, runner))
     DECIDED.count += 1
-    return name, (runner.direct_arguments(spec) if decision.backend == "sdpa" else None)
+    return (name, runner.direct_arguments(spec) if decision.backend == "sdpa" else None,
+            str(decision) if level >= 2 else None)
+
+
+#: How many times compiled graphs logged their decision (``DISPATCHATTN_EXPLAIN=2``): the tensor ``explain_run``
+#: counts in, since a graph drops an op without outputs unless it mutates an input.
+EXPLAIN_RUNS = torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.custom_op("dispatchattn::explain", mutates_args=("runs",))
+def explain_run(runs: torch.Tensor, message: str) -> None:
+    """Logs a decision each time a compiled graph runs (``DISPATCHATTN_EXPLAIN=2``).  An op, because dynamo
+    drops logging calls made in the functions it inlines; it counts in ``runs`` so that the graph keeps it."""
+    runs.add_(1)
+    _explain.emit(message)
+
+
+@explain_run.register_fake
+def _(runs: torch.Tensor, message: str) -> None:
+    return None
 
 
 def _policy(settings: tuple) -> Policy:
@@ -196,11 +216,13 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     # Without mods, _static_mod is not even called: each function dynamo inlines adds guards.
     mods = (score_mod, mask_mod) if score_mod is None and mask_mod is None else (_static_mod(score_mod),
                                                                                   _static_mod(mask_mod))
-    name, sdpa_arguments = decide_static(
+    name, sdpa_arguments, run_message = decide_static(
         *arguments, *mods, _constant(layout), _constant(return_lse), policy,
         TRACED_ENVIRON.get(b"DISPATCHATTN_EXPLAIN"), TRACED_ENVIRON.get(b"DISPATCHATTN_BACKEND"),
         _caps_override[-1] if _caps_override else None,
     )
+    if run_message is not None:  # DISPATCHATTN_EXPLAIN=2
+        explain_run(EXPLAIN_RUNS, run_message)
     if sdpa_arguments is not None:
         sdpa_dropout, sdpa_causal, sdpa_scale, sdpa_gqa = sdpa_arguments
         return _sdpa(query, key, value, None, sdpa_dropout, sdpa_causal, scale=sdpa_scale, enable_gqa=sdpa_gqa)

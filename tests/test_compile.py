@@ -156,14 +156,17 @@ def test_explain_inside_compiled_region(monkeypatch, caplog, level):
         return da.attention(q, k, v, is_causal=True, backend="reference") + 0.0
 
     inputs = _inputs((1, 2, 20 + int(level), 16))  # a shape of its own: level 1 logs each decision once
+    runs = int(da.compiled.EXPLAIN_RUNS)
     with caplog.at_level(logging.INFO, logger="dispatchattn"):
         compiled = torch.compile(fn, fullgraph=True)
         compiled(*inputs)
         compiled(*inputs)
+    assert int(da.compiled.EXPLAIN_RUNS) - runs == (2 if level == "2" else 0)  # the op ran in each graph run
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dispatchattn: reference")]
     assert _graph_breaks() == 0
-    assert len(lines) == 1, lines  # reported when the graph is traced, not again when it runs
-    assert "Selected backend: reference" in lines[0]
+    # Level 1: reported when the graph is traced, not again when it runs; level 2: on every run (by an op).
+    assert len(lines) == int(level), lines
+    assert all("Selected backend: reference" in line for line in lines)
 
 
 def test_torch_flex_compiles_forward():
@@ -260,6 +263,10 @@ def test_triton_flex_with_captured_tensors_is_refused_while_compiling():
 
     with pytest.raises(Exception, match="forced backend cannot run this call"):
         torch.compile(fn, fullgraph=True)(*_inputs())
+
+
+def test_explain_op_passes_opcheck():
+    torch.library.opcheck(da.compiled.explain_run, (torch.zeros((), dtype=torch.int64), "dispatchattn: a decision"))
 
 
 def test_triton_flex_ops_pass_opcheck():
