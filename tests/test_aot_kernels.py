@@ -38,7 +38,8 @@ HEAD_DIMS = (64, 128, 256)
 #: Where the mods are compiled in the default suite: one target per vendor's newest matrix instruction.
 MOD_TARGETS = ("sm_90", "gfx942")
 #: (target, kernel, head dim) whose shipped default uses the older matrix instruction on purpose: every
-#: tile that gets the fast one spills (measured with Triton 3.9; the entry's ``checked`` says so), so the
+#: tile that gets the fast one spills, with the plain kernels or some checked variant (measured with Triton 3.9; the
+#: entry's ``checked`` says so), so the
 #: largest non-spilling config ships instead.
 SLOWER_INSTRUCTION_ON_PURPOSE = {
     ("sm_90", "bwd_dkdv", 256): "wgmma tiles (64 rows) spill at D=256: 64x32 w8 s2 832 B; 32x32 w8 s2 uses mma.sync",
@@ -46,8 +47,8 @@ SLOWER_INSTRUCTION_ON_PURPOSE = {
     ("sm_100", "fwd", 256): "every tcgen05 tile tried spilled at D=256; 32x64 w8 s3 fits with mma.sync",
     ("sm_100", "bwd_dkdv", 256): "every tcgen05 tile tried spilled at D=256; 32x32 w8 s2 fits with mma.sync",
     ("sm_100", "bwd_dq", 256): "the same config as bwd_dkdv (one backward config); 32x32 uses mma.sync",
-    ("sm_90", "decode", 256): "every 64-row (wgmma) decoding tile spills at D=256; 16x32 w8 s3 fits with mma.sync",
-    ("sm_100", "decode", 256): "every 64-row (tcgen05) decoding tile spills at D=256; 16x32 w8 s3 uses mma.sync",
+    ("sm_90", "decode", 256): "every 64-row (wgmma) decoding tile spills at D=256; 32x32 w8 s1 fits with mma.sync",
+    ("sm_100", "decode", 256): "every 64-row (tcgen05) decoding tile spills at D=256; 32x32 w8 s1 uses mma.sync",
 }
 #: (target, tuned kernel, head dim) whose shipped entries (bf16 and fp16) hold no config: every config tried
 #: spills (measured with Triton 3.9 by ``shipped --write --compile-check``; the entry's ``no_spill_free_tile``
@@ -316,3 +317,20 @@ def test_compile_check_picks_tiles_that_fit_every_variant(monkeypatch):
         assert "no config tried fits every variant" in bwd["checked"]
     assert any(line.startswith("gfx1100 bwd bfloat16 d128/128: ") and "spills with alibi (bwd_dkdv)" in line
                for line in log), log
+
+
+def test_compile_check_keeps_the_previously_shipped_tile_where_it_still_fits(monkeypatch):
+    """A seed (the tile the file shipped before, some found by hand) is tried in the first round with the
+    heuristic's: where the heuristic's spills and the seed fits every variant, the seed ships, unshrunk."""
+    from dispatchattn.autotune_cache import verify
+
+    monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
+    document = shipped.heuristic_document("gfx1100")
+    heuristic = TileConfig.from_dict(document["tile_configs"]["fwd bfloat16 d64/64"]["config"])
+    assert heuristic.block_m * heuristic.block_n > 32 * 32  # spills with relative_bias in the fake
+    seed = TileConfig(16, 64, num_warps=2, num_stages=1)
+    verify.verify_document(document, "gfx1100", variants=verify.ALL_VARIANTS, seeds={"fwd bfloat16 d64/64": seed})
+    assert TileConfig.from_dict(document["tile_configs"]["fwd bfloat16 d64/64"]["config"]) == seed
+    unseeded = shipped.heuristic_document("gfx1100")
+    verify.verify_document(unseeded, "gfx1100", variants=verify.ALL_VARIANTS)
+    assert TileConfig.from_dict(unseeded["tile_configs"]["fwd bfloat16 d64/64"]["config"]) != seed

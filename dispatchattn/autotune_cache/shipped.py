@@ -216,13 +216,14 @@ def write_heuristic_defaults(
     compile_check: bool = False,
     targets: Iterable[str] = AOT_TARGETS,
     variants: Iterable[str] | None = None,
+    fp32: bool = False,
 ) -> list[Path]:
     """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
 
     ``compile_check``: compile every bf16 entry for its target (``verify.verify_document``), shrink what
     is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.  ``variants``: the
     ``aot_report.CHECKED_VARIANTS`` a config must fit with (default: all of them); the document records them in
-    ``produced["variants_checked"]``.
+    ``produced["variants_checked"]``.  ``fp32``: check the float32 entries too (``produced["dtypes_checked"]``).
     """
     written = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -239,14 +240,19 @@ def write_heuristic_defaults(
             from . import verify
 
             checked = tuple(verify.ALL_VARIANTS if variants is None else variants)
-            for line in verify.verify_document(new, target, variants=checked):
+            dtypes = ("bfloat16", "float32") if fp32 else ("bfloat16",)
+            seeds = {name: TileConfig.from_dict(entry["config"])
+                     for name, entry in (old or {}).get("tile_configs", {}).items() if "config" in entry}
+            for line in verify.verify_document(new, target, dtypes=dtypes, variants=checked, seeds=seeds):
                 print(line, flush=True)
             verify.copy_checked(new)
             for line in verify.compile_copied(new, target, variants=checked):
                 print(line, flush=True)
             new["produced"]["how"] += " --compile-check" + (
-                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}")
+                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}") + (
+                " --fp32" if fp32 else "")
             new["produced"]["variants_checked"] = list(dict.fromkeys(("plain", *checked)))
+            new["produced"]["dtypes_checked"] = ["bfloat16", "float16", *(["float32"] if fp32 else [])]
         elif old is not None and same_configs(old, new) and not force:
             continue
         path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -265,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None,
                         help="with --compile-check: comma-separated variants a config must fit with (default: all of "
                              "plain, causal, sliding_window, softcap, alibi, relative_bias; 'plain' is the fastest)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="with --compile-check: check the float32 entries too (fp32 dots are IEEE: FMA on NVIDIA "
+                             "and RDNA3, MFMA on CDNA)")
     args = parser.parse_args(argv)
     if not args.write:
         parser.print_help()
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     variants = [v for v in args.variants.split(",") if v] if args.variants else None
     for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets,
-                                         variants=variants):
+                                         variants=variants, fp32=args.fp32):
         print(f"wrote {path}")
     return 0
 
