@@ -224,6 +224,31 @@ def test_kernel_without_a_spill_free_tile_is_refused(target, tune_kernel, dtype,
         assert TritonFlexBackend().why_not(replace(spec, requires_grad=False), caps) == []
 
 
+def test_a_config_tuned_on_the_device_lifts_the_refusal(monkeypatch, tmp_path):
+    """A user-cache entry (tuned on that GPU: timed there) for a refused kernel lets triton_flex run it, with the
+    tuned config; the refusal stays for the other dtype, which nothing tuned."""
+    from dispatchattn.autotune_cache import select, store
+    from dispatchattn.autotune_cache.key import make_key
+
+    monkeypatch.setenv("DISPATCHATTN_CACHE_DIR", str(tmp_path / "cache"))
+    select.clear_memo()
+    store.clear_memory()
+    (target, tune_kernel, head_dim), = REFUSED
+    caps = DeviceCaps.synthetic(target)
+    spec = AttentionSpec(batch=1, heads_q=4, heads_kv=4, seq_q=256, seq_kv=256, head_dim=head_dim,
+                         head_dim_v=head_dim, dtype=torch.bfloat16, device_type=ARCHS[target].vendor,
+                         requires_grad=True)
+    assert [r.code for r in TritonFlexBackend().why_not(spec, caps)] == ["no_spill_free_tile"]
+    tuned = TileConfig(16, 16, 8, 1)
+    key = make_key(tune_kernel, spec, caps)
+    store.put(select.user_cache_path(key), key.entry, {"config": tuned.to_dict()}, key.header)
+    assert TritonFlexBackend().why_not(spec, caps) == []
+    config, source = select.select_config(tune_kernel, spec, caps)
+    assert config == tuned and source.startswith("user cache")
+    fp16 = replace(spec, dtype=torch.float16)
+    assert [r.code for r in TritonFlexBackend().why_not(fp16, caps)] == ["no_spill_free_tile"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target, tune_kernel, dtype, head_dim", _refused_cases())
 def test_the_least_spilling_tile_does_spill(target, tune_kernel, dtype, head_dim):

@@ -68,18 +68,19 @@ def decoding(spec: AttentionSpec, caps: DeviceCaps | None = None) -> bool:
 def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
     """{"fwd" / "bwd" / "decode": Reason} for the kernels of ``spec``'s dtype and head dims that have no
     spill-free tile on ``caps``'s GPU: the shipped defaults of the target say so (``shipped.refusal``), measured by
-    compiling every config tried ahead of time.  Empty off GPU and where every kernel has a tile that fits."""
+    compiling every config tried ahead of time.  Empty off GPU and where every kernel has a tile that fits.  A
+    config the user tuned on this device (the user cache) lifts the refusal: it was timed there."""
     if caps.vendor not in ("cuda", "rocm") or not caps.arch:
         return {}
     try:
-        from ...autotune_cache import shipped
+        from ...autotune_cache import select, shipped
     except ImportError:
         return {}
     dtype_name = str(spec.dtype).removeprefix("torch.")
     found = {}
     for kernel in ("fwd", "bwd", "decode"):
         record = shipped.refusal(kernel, caps.arch, dtype_name, spec.head_dim, spec.head_dim_v)
-        if record is not None:
+        if record is not None and select.user_entry(kernel, spec, caps) is None:
             message = shipped.refusal_message(kernel, caps.arch, spec.head_dim, spec.head_dim_v, record, dtype_name)
             found[kernel] = Reason("no_spill_free_tile", message)
     return found
