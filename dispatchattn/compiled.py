@@ -204,7 +204,7 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
 
     Every object read here becomes a guard that dynamo checks on each call of the compiled function, with the
     CPU's caches cold after the previous kernel: at (1, 8, 128, 64) on CPU, 58 guards cost ~2% over SDPA's own
-    function (15 guards) and 34 cost ~1% (``bench/overhead.py``, paired single calls).  So this reads as few
+    function (15 guards) and 33 cost ~1% (``bench/overhead.py``, paired single calls).  So this reads as few
     objects as it can: names imported directly rather than through modules, one function to make constants,
     the environment's raw bytes (decoded at trace time), SDPA called with constant arguments rather than
     through a backend's function."""

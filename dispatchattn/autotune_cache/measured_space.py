@@ -56,14 +56,14 @@ def load(target: str) -> dict | None:
         return None
 
 
-def verdicts(kernel: str, target: str, dtype: torch.dtype, head_dim: int) -> dict[TileConfig, str | None] | None:
-    """{config: None (fits) or why not} measured for ``kernel`` on ``target`` at the padded ``head_dim``, or None
-    when nothing was measured for it (another target, fp32, a head dim not in ``HEAD_DIMS``)."""
+def verdicts(kernel: str, target: str, dtype: torch.dtype, padded_head_dim: int) -> dict[TileConfig, str | None] | None:
+    """{config: None (fits) or why not} measured for ``kernel`` on ``target`` at ``padded_head_dim`` (the power
+    of two the kernels pad the head dim to), or None when nothing was measured for it (another target, fp32, a
+    head dim not in ``HEAD_DIMS``)."""
     document = load(target)
     if document is None or dtype not in SIXTEEN_BIT:
         return None
-    padded = max(16, 1 << (max(int(head_dim), 1) - 1).bit_length())
-    found = document["verdicts"].get(f"{kernel} d{padded}")
+    found = document["verdicts"].get(f"{kernel} d{padded_head_dim}")
     if found is None:
         return None
     return {TileConfig.from_dict(item["config"]): item["rejected"] for item in found}

@@ -101,25 +101,28 @@ def _heuristic(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[Tile
     return heuristic_config_and_note(kernel, caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
 
 
+def _user_lookup(key: TuneKey) -> tuple[TileConfig | None, Path, store.LoadResult]:
+    path = user_cache_path(key)
+    loaded = store.load(path, key.header)
+    return _from_entry(loaded.entries.get(key.entry)), path, loaded
+
+
+def _where(path: Path, loaded: store.LoadResult) -> str:
+    return str(path if loaded.healthy else f"{path}, kept in memory: {loaded.status}")
+
+
 def user_entry(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str] | None:
     """The config tuned on this device for ``kernel`` and ``spec`` in the user cache, with where it was read,
     or None."""
-    key = make_key(kernel, spec, caps)
-    path = user_cache_path(key)
-    loaded = store.load(path, key.header)
-    found = _from_entry(loaded.entries.get(key.entry))
-    if found is None:
-        return None
-    return found, str(path if loaded.healthy else f"{path}, kept in memory: {loaded.status}")
+    found, path, loaded = _user_lookup(make_key(kernel, spec, caps))
+    return None if found is None else (found, _where(path, loaded))
 
 
 def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
     key = make_key(kernel, spec, caps)
-    path = user_cache_path(key)
-    user = user_entry(kernel, spec, caps)
-    if user is not None:
-        return user[0], f"user cache ({user[1]})"
-    loaded = store.load(path, key.header)
+    found, path, loaded = _user_lookup(key)
+    if found is not None:
+        return found, f"user cache ({_where(path, loaded)})"
     trouble = "" if loaded.healthy else f"; {loaded.status}"
     tunable = kernel in TUNED_ON_MISS  # the decoding kernel has no timing harness in ``tuning`` yet
     if tunable and envs.autotune_on_miss() and spec.device_type == "cuda" and not torch.compiler.is_compiling():

@@ -238,7 +238,7 @@ def config_space(
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if arch not in ARCHS:
         return []
-    measured = measured_space.verdicts(kernel, arch, dtype, max(head_dim, head_dim_v))
+    measured = measured_space.verdicts(kernel, arch, dtype, _pow2_at_least(max(head_dim, head_dim_v)))
     if measured is not None:  # no estimate predicts spills there: the configs compiled without any
         return sorted(config for config, rejected in measured.items() if rejected is None)
     vendor = ARCHS[arch].vendor
