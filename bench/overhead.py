@@ -34,9 +34,9 @@ def _paired(ours, direct, pairs: int) -> tuple[float, float, list[float]]:
     """Median seconds per call of ``ours`` and ``direct``, and the ratio of each pair: after a warm-up, the
     two are called alternately, one call each, each going first in every other pair.  A pair's two calls
     share the machine's state of that millisecond, so the per-pair ratios resolve differences the medians
-    cannot on a machine whose speed drifts (this one: +-20% between minutes): an A/A pair (the same SDPA
-    call on both sides) measured a median ratio of 0.998-1.003 over 3,000 pairs, where rounds of 200 calls
-    each gave quartiles of 0.91-1.08."""
+    cannot on a machine whose speed drifts (this one: +-20% between minutes).  The A/A row (SDPA's compiled
+    function on both sides) shows what it reads when nothing differs: 0.993-0.997 in four runs of this script
+    (2026-12-01, the project's 2-core CPU machine, 3,000-4,000 pairs)."""
     for fn in (ours, direct):
         _per_call(fn, 20)
     clock = time.perf_counter_ns
