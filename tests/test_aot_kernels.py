@@ -359,3 +359,61 @@ def test_compile_check_keeps_the_previously_shipped_tile_where_it_still_fits(mon
     unseeded = shipped.heuristic_document("gfx1100")
     verify.verify_document(unseeded, "gfx1100", variants=verify.ALL_VARIANTS)
     assert TileConfig.from_dict(unseeded["tile_configs"]["fwd bfloat16 d64/64"]["config"]) != seed
+
+
+def test_compile_check_searches_best_first_and_never_compiles_a_config_twice(monkeypatch):
+    """A seed that passes gives way to a larger config that passes too (the search goes on while something
+    preferred is queued), and no (entry, config) is compiled twice."""
+    from dispatchattn.autotune_cache import verify
+
+    fake, compiled = _fake_variant_round([]), []
+
+    def counting_round(pending, target, workers, variants=("plain",)):
+        compiled.extend(pending)
+        return fake(pending, target, workers, variants)
+
+    monkeypatch.setattr(verify, "_compile_round", counting_round)
+    document = shipped.heuristic_document("gfx1100")
+    name = "fwd bfloat16 d64/64"
+    heuristic = TileConfig.from_dict(document["tile_configs"][name]["config"])
+    assert heuristic.block_m * heuristic.block_n > 64 * 64  # the plain kernels spill with it in the fake
+    seed = TileConfig(16, 16, num_warps=4, num_stages=1)
+    verify.verify_document(document, "gfx1100", seeds={name: seed})
+    shipped_config = TileConfig.from_dict(document["tile_configs"][name]["config"])
+    assert shipped_config.block_m * shipped_config.block_n == 64 * 64  # the largest tile the fake lets through
+    assert len(compiled) == len(set(compiled))
+
+
+def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch, tmp_path, capsys):
+    """``--dtypes float32`` compiles the float32 entries only: the file's checked bf16 and fp16 entries stay as
+    they were, ``dtypes_checked`` lists all three; a file checked with other variants is not mixed with this run."""
+    import json
+
+    from dispatchattn.autotune_cache import verify
+
+    monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
+    shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"])
+    before = json.loads((tmp_path / "gfx1100.json").read_text())
+    assert before["produced"]["dtypes_checked"] == ["bfloat16", "float16"]
+    assert not any("checked" in e for n, e in before["tile_configs"].items() if "float32" in n)
+    compiled: list = []
+    fake = _fake_variant_round([])
+
+    def counting_round(pending, *args, **kwargs):
+        compiled.extend(pending)
+        return fake(pending, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "_compile_round", counting_round)
+    shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",))
+    after = json.loads((tmp_path / "gfx1100.json").read_text())
+    assert {name.split()[1] for name, _config in compiled} == {"float32"}
+    assert after["produced"]["dtypes_checked"] == ["bfloat16", "float16", "float32"]
+    for name, entry in after["tile_configs"].items():
+        assert "checked" in entry, name
+        if "float32" not in name:
+            assert entry == before["tile_configs"][name], name
+    with pytest.raises(ValueError, match="checked with variants"):
+        shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",),
+                                         variants=("plain",))
+    with pytest.raises(ValueError, match="dtypes: expected bfloat16 and/or float32"):
+        shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float16",))

@@ -210,20 +210,36 @@ def same_configs(old: dict, new: dict) -> bool:
     )
 
 
+def _kept_checked(old: dict | None, dtypes: tuple[str, ...], variants_checked: list[str]) -> dict:
+    """The checked entries of ``old`` whose dtype is not recompiled now (float16 goes with bfloat16).
+
+    Raises ValueError when ``old`` was checked with other variants: one file states one set of checked variants."""
+    compiled = {*dtypes, *(["float16"] if "bfloat16" in dtypes else [])}
+    kept = {name: entry for name, entry in (old or {}).get("tile_configs", {}).items()
+            if name.split()[1] not in compiled and "checked" in entry}
+    if kept and old.get("produced", {}).get("variants_checked") != variants_checked:
+        raise ValueError(f"the file's {', '.join(sorted({n.split()[1] for n in kept}))} entries were checked with "
+                         f"variants {old['produced'].get('variants_checked')}, this run checks {variants_checked}: "
+                         "check every dtype again (--dtypes bfloat16,float32)")
+    return kept
+
+
 def write_heuristic_defaults(
     directory: Path = DEFAULTS_DIR,
     force: bool = False,
     compile_check: bool = False,
     targets: Iterable[str] = AOT_TARGETS,
     variants: Iterable[str] | None = None,
-    fp32: bool = False,
+    dtypes: Iterable[str] = ("bfloat16",),
 ) -> list[Path]:
     """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
 
     ``compile_check``: compile every bf16 entry for its target (``verify.verify_document``), shrink what
     is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.  ``variants``: the
     ``aot_report.CHECKED_VARIANTS`` a config must fit with (default: all of them); the document records them in
-    ``produced["variants_checked"]``.  ``fp32``: check the float32 entries too (``produced["dtypes_checked"]``).
+    ``produced["variants_checked"]``.  ``dtypes``: the dtypes compiled ("bfloat16", whose result float16 takes, and
+    "float32"); the entries of a dtype left out keep what the target's file held, when that was checked with the same
+    variants (``produced["dtypes_checked"]`` lists every dtype checked).
     """
     written = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -240,19 +256,27 @@ def write_heuristic_defaults(
             from . import verify
 
             checked = tuple(verify.ALL_VARIANTS if variants is None else variants)
-            dtypes = ("bfloat16", "float32") if fp32 else ("bfloat16",)
+            variants_checked = list(dict.fromkeys(("plain", *checked)))
+            dtypes = tuple(dtypes)
+            if not dtypes or set(dtypes) - {"bfloat16", "float32"}:
+                raise ValueError(f"dtypes: expected bfloat16 and/or float32 (float16 takes bfloat16's result), "
+                                 f"got {list(dtypes)}")
+            kept = _kept_checked(old, dtypes, variants_checked)
             seeds = {name: TileConfig.from_dict(entry["config"])
                      for name, entry in (old or {}).get("tile_configs", {}).items() if "config" in entry}
             for line in verify.verify_document(new, target, dtypes=dtypes, variants=checked, seeds=seeds):
                 print(line, flush=True)
-            verify.copy_checked(new)
-            for line in verify.compile_copied(new, target, variants=checked):
-                print(line, flush=True)
+            if "bfloat16" in dtypes:
+                verify.copy_checked(new)
+                for line in verify.compile_copied(new, target, variants=checked):
+                    print(line, flush=True)
+            new["tile_configs"].update(kept)
+            done = {*dtypes, *(["float16"] if "bfloat16" in dtypes else []),
+                    *((old or {}).get("produced", {}).get("dtypes_checked", []) if kept else [])}
             new["produced"]["how"] += " --compile-check" + (
-                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}") + (
-                " --fp32" if fp32 else "")
-            new["produced"]["variants_checked"] = list(dict.fromkeys(("plain", *checked)))
-            new["produced"]["dtypes_checked"] = ["bfloat16", "float16", *(["float32"] if fp32 else [])]
+                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}")
+            new["produced"]["variants_checked"] = variants_checked
+            new["produced"]["dtypes_checked"] = [d for d in ("bfloat16", "float16", "float32") if d in done]
         elif old is not None and same_configs(old, new) and not force:
             continue
         path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -271,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None,
                         help="with --compile-check: comma-separated variants a config must fit with (default: all of "
                              "plain, causal, sliding_window, softcap, alibi, relative_bias; 'plain' is the fastest)")
-    parser.add_argument("--fp32", action="store_true",
-                        help="with --compile-check: check the float32 entries too (fp32 dots are IEEE: FMA on NVIDIA "
-                             "and RDNA3, v_mfma_f32_32x32x2_f32 on CDNA, measured on gfx942)")
+    parser.add_argument("--dtypes", default="bfloat16",
+                        help="with --compile-check: comma-separated dtypes to compile, of bfloat16 (float16 takes its "
+                             "result) and float32 (fp32 dots are IEEE: FMA on NVIDIA and RDNA3, MFMA on CDNA); the "
+                             "others keep the checked entries the file holds (default: bfloat16)")
     args = parser.parse_args(argv)
     if not args.write:
         parser.print_help()
@@ -281,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     variants = [v for v in args.variants.split(",") if v] if args.variants else None
     for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets,
-                                         variants=variants, fp32=args.fp32):
+                                         variants=variants, dtypes=[d for d in args.dtypes.split(",") if d]):
         print(f"wrote {path}")
     return 0
 

@@ -3,11 +3,12 @@
 The resource estimate in ``space.py`` prunes before timing; it cannot see what Triton really allocates.
 ``verify_document`` compiles every entry's config with ``backends.triton_flex.aot`` (each launch of the
 kernel: forward, or the backward's dK/dV and dQ), with each of ``variants`` (the plain kernels and, from the
-CLI by default, every ``aot_report.CHECKED_VARIANTS`` mask and score: a config passes only if all fit).  While
-every config tried for an entry is rejected
-(shared memory over the limit, registers spilled, the wrong matrix instructions), the next round tries
-each rejected config one pipeline stage shorter and one shrink step smaller (as the heuristic shrinks),
-and keeps the largest tile that passes.  Each entry records what was measured in ``checked``; it is
+CLI by default, every ``aot_report.CHECKED_VARIANTS`` mask and score: a config passes only if all fit).  The
+search is best first: each round compiles the ``FRONTIER`` largest configs not yet tried (the heuristic's and the
+file's previous one to begin with); each rejected one (shared memory over the limit, registers spilled, the wrong
+matrix instructions) queues its children (one pipeline stage shorter, one shrink step smaller as the heuristic
+shrinks, 4 warps for a spill), and an entry is done when a config passed and no larger one is queued, so the
+largest tile that passes ships.  Each entry records what was measured in ``checked``; it is
 still not timed, so ``"measured": false`` stays.
 
 Where no config tried passes (nor one that only misses the fast matrix instruction) but some compile and
@@ -253,9 +254,9 @@ def verify_document(
 
     variants = ("plain", *(v for v in variants if v != "plain"))
     entries, log = _entries(document, dtypes), []
-    frontier = {name: list(dict.fromkeys([TileConfig.from_dict(document["tile_configs"][name]["config"]),
-                                          *([seeds[name]] if seeds and name in seeds else [])]))
-                for name in entries}
+    queue = {name: {TileConfig.from_dict(document["tile_configs"][name]["config"]),
+                    *([seeds[name]] if seeds and name in seeds else [])}
+             for name in entries}
     first_rejection: dict[str, str] = {}
     state: dict[str, dict[str, tuple[TileConfig, list]]] = {
         "fallback": {},  # best config that fits (every variant) but not with the fast instruction
@@ -263,31 +264,36 @@ def verify_document(
         "plain_only": {},  # config whose plain kernels pass, other variants spilling least
     }
     tried: dict[str, set] = {name: set() for name in entries}
+    passed: dict[str, tuple[TileConfig, list]] = {}  # the preferred config that passed so far
     checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
     for _ in range(MAX_ROUNDS):
-        frontier = {name: configs for name, configs in frontier.items() if configs}  # drop exhausted entries
+        # best first: the FRONTIER most preferred configs not tried yet; an entry is done when a config passed and
+        # nothing queued is preferred to it (a seed that passes still gives way to a larger config that does)
+        frontier = {name: sorted(configs, key=_preference)[:FRONTIER] for name, configs in queue.items() if configs}
         if not frontier:
             break
         pending = {(name, c): entries[name] for name, configs in frontier.items() for c in configs}
         reasons, records = _round(pending, target, workers, variants)
-        for name, configs in list(frontier.items()):
-            entry = document["tile_configs"][name]
+        for name, configs in frontier.items():
             tried[name].update(configs)
-            passing = [c for c in configs if not any(reasons[(name, c)])]
-            if passing:
-                best = min(passing, key=_preference)
-                entry["config"] = best.to_dict()
-                summary = _summary(records[(name, best)])
-                entry["checked"] = f"compiled with Triton {triton.__version__} for {target}{checked_with}: {summary}"
-                log.append(f"{target} {name}: {best.short()} fits")
-                del frontier[name]
-                continue
+            failing = [c for c in configs if any(reasons[(name, c)])]
             for c in configs:
+                if c not in failing and (name not in passed or _preference(c) < _preference(passed[name][0])):
+                    passed[name] = (c, records[(name, c)])
+            for c in failing:
                 _sort_out(name, c, reasons[(name, c)], records[(name, c)], state)
-            problems = {c: next(r for r in reasons[(name, c)] if r) for c in configs}
-            first_rejection.setdefault(name, f"{configs[0].short()}: {problems[configs[0]]}")
-            children = {child for c in configs for child in _children(c, entries[name][0], problems[c])}
-            frontier[name] = sorted(children, key=_preference)[:FRONTIER]
+            problems = {c: next(r for r in reasons[(name, c)] if r) for c in failing}
+            if failing:
+                first_rejection.setdefault(name, f"{failing[0].short()}: {problems[failing[0]]}")
+            children = {child for c in failing for child in _children(c, entries[name][0], problems[c])}
+            queue[name] = {c for c in queue[name] | children if c not in tried[name]
+                           and (name not in passed or _preference(c) < _preference(passed[name][0]))}
+    for name, (best, best_records) in passed.items():
+        entry = document["tile_configs"][name]
+        entry["config"] = best.to_dict()
+        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
+                            f"{_summary(best_records)}")
+        log.append(f"{target} {name}: {best.short()} fits")
     unresolved = first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}
     log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers, state, tried,
                              variants)
