@@ -417,3 +417,21 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
                                          variants=("plain",))
     with pytest.raises(ValueError, match="dtypes: expected bfloat16 and/or float32"):
         shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float16",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_config_source_names_the_mods_its_tile_spills_with(dtype):
+    """Where the shipped tile spills with some checked mods (``VARIANT_SPILLS``), the config's source sentence (what
+    explain prints) names them with what they spill and how to get a tile that fits."""
+    from dispatchattn.autotune_cache import select
+
+    select.clear_memo()
+    for target, head_dim in {(t, d) for t, _v, _launch, d in VARIANT_SPILLS}:
+        spec = AttentionSpec(batch=1, heads_q=4, heads_kv=4, seq_q=256, seq_kv=256, head_dim=head_dim,
+                             head_dim_v=head_dim, dtype=getattr(torch, aot_report.TORCH_DTYPE_NAMES[dtype]),
+                             device_type=ARCHS[target].vendor, requires_grad=True)
+        _config, source = select.select_config("bwd", spec, DeviceCaps.synthetic(target))
+        assert "spills registers when the mods are" in source and "python -m dispatchattn tune" in source, source
+        for variant in {v for t, v, _launch, d in VARIANT_SPILLS if (t, d) == (target, head_dim)}:
+            assert f"{variant} (" in source, source
+        assert "softcap" not in source  # fits

@@ -136,7 +136,27 @@ def describe(document: dict, entry: dict, arch: str) -> str:
         produced = {**document.get("produced", {}), **entry.get("produced", {})}
         device, date = produced.get("device", arch), produced.get("date", "undated")
         return f"shipped default (measured on {device}, {date})"
-    return f"shipped default (not measured) for {arch}: {document.get('source', HEURISTIC_SOURCE)}"
+    text = f"shipped default (not measured) for {arch}: {document.get('source', HEURISTIC_SOURCE)}"
+    spills = entry.get("variant_spills")
+    if isinstance(spills, dict) and spills:
+        text += "; " + variant_spill_warning(spills)
+    return text
+
+
+def variant_spill_warning(spills: dict) -> str:
+    """``with this tile dK/dV spills registers when the mods are causal (37 VGPRs), alibi (38 VGPRs) (compiled
+    ahead of time; no tile tried fits them all): python -m dispatchattn tune ...`` for an entry's
+    ``variant_spills``."""
+    launches = dict.fromkeys(launch for per_variant in spills.values() for launch in per_variant)
+    parts = []
+    for variant, per_variant in spills.items():
+        worst = max(per_variant.values(), key=lambda s: (s.get("spilled_registers", 0), s.get("spill_bytes", 0)))
+        amount = (f"{worst['spilled_registers']} VGPRs" if worst.get("spilled_registers")
+                  else f"{worst.get('spill_bytes', 0):,} B")
+        parts.append(f"{variant} ({amount})")
+    return (f"with this tile {', '.join(LAUNCH_WORDS.get(launch, launch) for launch in launches)} spills registers "
+            f"when the mods are {', '.join(parts)} (compiled ahead of time; no tile tried fits them all): tune it on "
+            "the device with `python -m dispatchattn tune`")
 
 
 def export_measured(result: TuneResult, directory: Path = DEFAULTS_DIR) -> Path:
