@@ -28,7 +28,7 @@ from dispatchattn.autotune_cache import (
 )
 from dispatchattn.autotune_cache import cli as tune_cli
 from dispatchattn.autotune_cache import select as select_module
-from dispatchattn.capabilities import DeviceCaps
+from dispatchattn.capabilities import DeviceCaps, pretend
 from dispatchattn.spec import AttentionSpec
 
 H100 = DeviceCaps.synthetic("sm_90")
@@ -127,6 +127,30 @@ def test_unhashable_mask_object_skips_the_memo_but_still_selects():
     for _ in range(2):
         config, source = select_config("fwd", problem, H100)
         assert source.startswith("shipped default")
+
+
+
+def test_user_cache_config_that_cannot_launch_is_not_used_and_explain_says_why():
+    """A user-cache entry (hand-edited, or tuned elsewhere) whose tile overflows the target's shared memory would
+    fail at launch: the shipped default runs instead and the source sentence (what explain prints) names the
+    entry's config, the file and the numbers.  The same tile is used on a target where it fits."""
+    a10, problem = DeviceCaps.synthetic("sm_86"), spec()
+    too_big = TileConfig(128, 128, num_warps=8, num_stages=3)
+    for caps in (a10, H100):
+        key = make_key("fwd", problem, caps)
+        store.put(user_cache_path(key), key.entry, {"config": too_big.to_dict()}, key.header)
+    config, source = select_config("fwd", problem, a10)
+    assert config == shipped.lookup("fwd", "sm_86", "float16", 128, 128)[0] != too_big
+    assert source.startswith("shipped default (not measured) for sm_86")
+    assert (f"the user cache's {too_big.short()} ({user_cache_path(make_key('fwd', problem, a10))}) is not used: "
+            "fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 133,120 B shared memory > 101,376 B on sm_86") in source
+    assert select_module.user_entry("fwd", problem, a10) is None  # nor does it lift a refusal
+    query = torch.randn(1, 16, 4096, 128, dtype=torch.float16)
+    with pretend(a10):
+        decision = da.explain(query, query, query, backend="triton_flex")
+    assert decision.config == config and f"the user cache's {too_big.short()}" in str(decision)
+    h100_file = user_cache_path(make_key("fwd", problem, H100))
+    assert select_config("fwd", problem, H100) == (too_big, f"user cache ({h100_file})")
 
 
 # --- tune with an injected timer -----------------------------------------------------------------------

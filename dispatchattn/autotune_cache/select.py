@@ -23,7 +23,7 @@ from ..spec import AttentionSpec
 from . import shipped, store
 from .config import TileConfig
 from .key import TuneKey, make_key
-from .space import _pow2_at_least, heuristic_config_and_note
+from .space import _pow2_at_least, heuristic_config_and_note, why_config_cannot_launch
 
 logger = logging.getLogger("dispatchattn")
 
@@ -101,10 +101,20 @@ def _heuristic(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[Tile
     return heuristic_config_and_note(kernel, caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
 
 
-def _user_lookup(key: TuneKey) -> tuple[TileConfig | None, Path, store.LoadResult]:
+def _user_lookup(
+    kernel: str, spec: AttentionSpec, caps: DeviceCaps, key: TuneKey
+) -> tuple[TileConfig | None, Path, store.LoadResult, str]:
+    """(config, path, load result, why not): the user cache's entry for ``key`` when it can launch on ``caps``;
+    else None and, for an entry that cannot (a hand-edited tile over the target's shared memory, say), the reason."""
     path = user_cache_path(key)
     loaded = store.load(path, key.header)
-    return _from_entry(loaded.entries.get(key.entry)), path, loaded
+    found = _from_entry(loaded.entries.get(key.entry))
+    if found is None:
+        return None, path, loaded, ""
+    problem = why_config_cannot_launch(kernel, found, caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
+    if problem:
+        return None, path, loaded, f"the user cache's {found.short()} ({path}) is not used: {problem}"
+    return found, path, loaded, ""
 
 
 def _where(path: Path, loaded: store.LoadResult) -> str:
@@ -113,17 +123,18 @@ def _where(path: Path, loaded: store.LoadResult) -> str:
 
 def user_entry(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str] | None:
     """The config tuned on this device for ``kernel`` and ``spec`` in the user cache, with where it was read,
-    or None."""
-    found, path, loaded = _user_lookup(make_key(kernel, spec, caps))
+    or None (none there, or one that cannot launch on ``caps``)."""
+    found, path, loaded, _ = _user_lookup(kernel, spec, caps, make_key(kernel, spec, caps))
     return None if found is None else (found, _where(path, loaded))
 
 
 def _select_uncached(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> tuple[TileConfig, str]:
     key = make_key(kernel, spec, caps)
-    found, path, loaded = _user_lookup(key)
+    found, path, loaded, rejected = _user_lookup(kernel, spec, caps, key)
     if found is not None:
         return found, f"user cache ({_where(path, loaded)})"
     trouble = "" if loaded.healthy else f"; {loaded.status}"
+    trouble += f"; {rejected}" if rejected else ""
     tunable = kernel in TUNED_ON_MISS  # the decoding kernel has no timing harness in ``tuning`` yet
     if tunable and envs.autotune_on_miss() and spec.device_type == "cuda" and not torch.compiler.is_compiling():
         tuned, why = _tune_on_miss(kernel, spec, caps, key, path)
