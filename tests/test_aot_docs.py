@@ -14,7 +14,7 @@ from dispatchattn.backends.triton_flex import aot, aot_cache, aot_report  # noqa
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "aot_resources.md"
 HEADER = re.compile(r"<!-- aot-report shipped-defaults-sha256=(?P<digest>[0-9a-f]{64}) triton=(?P<triton>\S+) -->")
-REGENERATE = "python -m dispatchattn aot --head-dim 64,128,256 --markdown > docs/aot_resources.md"
+REGENERATE = "python -m dispatchattn aot --head-dim 64,128,256 --dtype bf16,fp32 --markdown > docs/aot_resources.md"
 
 
 def _header() -> re.Match:

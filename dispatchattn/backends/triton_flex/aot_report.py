@@ -5,7 +5,7 @@
     python -m dispatchattn aot --target sm_90,gfx942 --mask causal --score softcap
     python -m dispatchattn aot --config 128,64,8,3 --target sm_86 --json
     python -m dispatchattn aot --score-mod my_model.attention:tanh_bias --target sm_90,gfx942
-    python -m dispatchattn aot --head-dim 64,128,256 --markdown > docs/aot_resources.md
+    python -m dispatchattn aot --head-dim 64,128,256 --dtype bf16,fp32 --markdown > docs/aot_resources.md
 
 Variants are built from ``dispatchattn.masks`` / ``dispatchattn.scores``; configs come from the shipped
 defaults (``autotune_cache/defaults``), the autotune config space, or the command line.
