@@ -288,12 +288,8 @@ def verify_document(
             children = {child for c in failing for child in _children(c, entries[name][0], problems[c])}
             queue[name] = {c for c in queue[name] | children if c not in tried[name]
                            and (name not in passed or _preference(c) < _preference(passed[name][0]))}
-    for name, (best, best_records) in passed.items():
-        entry = document["tile_configs"][name]
-        entry["config"] = best.to_dict()
-        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
-                            f"{_summary(best_records)}")
-        log.append(f"{target} {name}: {best.short()} fits")
+    log += [_ship(document, name, best, best_records, target, checked_with) for name, (best, best_records) in
+            passed.items()]
     unresolved = first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}
     log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers, state, tried,
                              variants)
@@ -360,8 +356,6 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
 
     The plain kernels of every small tile are compiled at once; the other variants one tile per entry at a time,
     largest first, until one passes (so an entry compiles its mods for as few tiles as it can)."""
-    import triton
-
     if not entries:
         return []
     state = {"least": {}, "fallback": {}, "plain_only": {}} if state is None else state
@@ -388,13 +382,21 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
             else:
                 _sort_out(name, c, config_reasons, batch_records[(name, c)], state)
     checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
-    for name, (best, best_records) in found.items():
-        entry = document["tile_configs"][name]
-        entry["config"] = best.to_dict()
-        entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
-                            f"{_summary(best_records)} (small-tile sweep: the shrink search found none)")
-        log.append(f"{target} {name}: {best.short()} fits (small-tile sweep)")
-    return log
+    return log + [_ship(document, name, best, best_records, target, checked_with, " (small-tile sweep)")
+                  for name, (best, best_records) in found.items()]
+
+
+def _ship(document: dict, name: str, config: TileConfig, records, target: str, checked_with: str,
+          how: str = "") -> str:
+    """Make ``config`` the entry's, with what its compile measured in ``checked``; returns the log line."""
+    import triton
+
+    entry = document["tile_configs"][name]
+    entry["config"] = config.to_dict()
+    sweep = " (small-tile sweep: the shrink search found none)" if how else ""
+    entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
+                        f"{_summary(records)}{sweep}")
+    return f"{target} {name}: {config.short()} fits{how}"
 
 
 def copy_checked(document: dict, source_dtype: str = "bfloat16", target_dtype: str = "float16") -> None:
