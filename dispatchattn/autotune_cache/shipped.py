@@ -230,11 +230,16 @@ def same_configs(old: dict, new: dict) -> bool:
     )
 
 
+def _with_float16(dtypes: Iterable[str]) -> set[str]:
+    """The dtypes a compile check of ``dtypes`` settles: float16 takes bfloat16's result."""
+    return {*dtypes, *(["float16"] if "bfloat16" in dtypes else [])}
+
+
 def _kept_checked(old: dict | None, dtypes: tuple[str, ...], variants_checked: list[str]) -> dict:
-    """The checked entries of ``old`` whose dtype is not recompiled now (float16 goes with bfloat16).
+    """The checked entries of ``old`` whose dtype is not recompiled now.
 
     Raises ValueError when ``old`` was checked with other variants: one file states one set of checked variants."""
-    compiled = {*dtypes, *(["float16"] if "bfloat16" in dtypes else [])}
+    compiled = _with_float16(dtypes)
     kept = {name: entry for name, entry in (old or {}).get("tile_configs", {}).items()
             if name.split()[1] not in compiled and "checked" in entry}
     if kept and old.get("produced", {}).get("variants_checked") != variants_checked:
@@ -261,6 +266,10 @@ def write_heuristic_defaults(
     "float32"); the entries of a dtype left out keep what the target's file held, when that was checked with the same
     variants (``produced["dtypes_checked"]`` lists every dtype checked).
     """
+    dtypes = tuple(dtypes)
+    if compile_check and (not dtypes or set(dtypes) - {"bfloat16", "float32"}):
+        raise ValueError(f"dtypes: expected bfloat16 and/or float32 (float16 takes bfloat16's result), "
+                         f"got {list(dtypes)}")
     written = []
     directory.mkdir(parents=True, exist_ok=True)
     for target in targets:
@@ -277,10 +286,6 @@ def write_heuristic_defaults(
 
             checked = tuple(verify.ALL_VARIANTS if variants is None else variants)
             variants_checked = list(dict.fromkeys(("plain", *checked)))
-            dtypes = tuple(dtypes)
-            if not dtypes or set(dtypes) - {"bfloat16", "float32"}:
-                raise ValueError(f"dtypes: expected bfloat16 and/or float32 (float16 takes bfloat16's result), "
-                                 f"got {list(dtypes)}")
             kept = _kept_checked(old, dtypes, variants_checked)
             seeds = {name: TileConfig.from_dict(entry["config"])
                      for name, entry in (old or {}).get("tile_configs", {}).items() if "config" in entry}
@@ -291,8 +296,8 @@ def write_heuristic_defaults(
                 for line in verify.compile_copied(new, target, variants=checked):
                     print(line, flush=True)
             new["tile_configs"].update(kept)
-            done = {*dtypes, *(["float16"] if "bfloat16" in dtypes else []),
-                    *((old or {}).get("produced", {}).get("dtypes_checked", []) if kept else [])}
+            earlier = (old or {}).get("produced", {}).get("dtypes_checked", []) if kept else []
+            done = _with_float16(dtypes) | set(earlier)
             new["produced"]["how"] += " --compile-check" + (
                 "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}")
             new["produced"]["variants_checked"] = variants_checked

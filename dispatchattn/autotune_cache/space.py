@@ -131,18 +131,7 @@ def why_config_invalid(
     >>> why_config_invalid("fwd", TileConfig(128, 128, 8, 3), "sm_86", torch.float16, 128, 128)
     'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 133,120 B shared memory > 101,376 B on sm_86'
     """
-    problem = why_config_cannot_launch(kernel, config, arch, dtype, head_dim, head_dim_v)
-    if problem:
-        return problem
-    info = ARCHS[arch]
-    need = estimate_resources(kernel, config, dtype, head_dim, head_dim_v, info.warp_size, info.vendor)
-    registers, budget = _registers_and_budget(need, config, info)
-    if registers > budget:
-        return (
-            f"{_shape_text(kernel, config, head_dim, head_dim_v)} warps={config.num_warps} needs ~{registers} "
-            f"registers per thread > {budget} on {arch} (it would spill)"
-        )
-    return None
+    return _why_not_fit(kernel, config, arch, dtype, head_dim, head_dim_v, registers=True)
 
 
 def why_config_cannot_launch(
@@ -151,6 +140,12 @@ def why_config_cannot_launch(
     """The part of ``why_config_invalid`` that stops a launch: the tile's shape rules and shared memory over the
     block's limit.  (An estimated register shortfall is left out: a spill costs speed, and a config timed on the
     device proved it runs.)"""
+    return _why_not_fit(kernel, config, arch, dtype, head_dim, head_dim_v, registers=False)
+
+
+def _why_not_fit(
+    kernel: str, config: TileConfig, arch: str, dtype: torch.dtype, head_dim: int, head_dim_v: int, registers: bool
+) -> str | None:
     if kernel not in KERNELS:
         return f"kernel {kernel!r} is not one of {KERNELS}"
     info = ARCHS.get(arch)
@@ -160,11 +155,17 @@ def why_config_cannot_launch(
     if problem:
         return problem
     need = estimate_resources(kernel, config, dtype, head_dim, head_dim_v, info.warp_size, info.vendor)
+    shape = _shape_text(kernel, config, head_dim, head_dim_v)
     if need.shared_memory > info.smem_per_block:
         return (
-            f"{_shape_text(kernel, config, head_dim, head_dim_v)} stages={config.num_stages} needs "
-            f"{need.shared_memory:,} B shared memory > {info.smem_per_block:,} B on {arch}"
+            f"{shape} stages={config.num_stages} needs {need.shared_memory:,} B shared memory"
+            f" > {info.smem_per_block:,} B on {arch}"
         )
+    if registers:
+        used, budget = _registers_and_budget(need, config, info)
+        if used > budget:
+            return (f"{shape} warps={config.num_warps} needs ~{used} registers per thread > {budget} on {arch}"
+                    " (it would spill)")
     return None
 
 

@@ -382,21 +382,20 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
             else:
                 _sort_out(name, c, config_reasons, batch_records[(name, c)], state)
     checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
-    return log + [_ship(document, name, best, best_records, target, checked_with, " (small-tile sweep)")
+    return log + [_ship(document, name, best, best_records, target, checked_with, sweep=True)
                   for name, (best, best_records) in found.items()]
 
 
 def _ship(document: dict, name: str, config: TileConfig, records, target: str, checked_with: str,
-          how: str = "") -> str:
+          sweep: bool = False) -> str:
     """Make ``config`` the entry's, with what its compile measured in ``checked``; returns the log line."""
     import triton
 
     entry = document["tile_configs"][name]
     entry["config"] = config.to_dict()
-    sweep = " (small-tile sweep: the shrink search found none)" if how else ""
-    entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: "
-                        f"{_summary(records)}{sweep}")
-    return f"{target} {name}: {config.short()} fits{how}"
+    entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: {_summary(records)}"
+                        + (" (small-tile sweep: the shrink search found none)" if sweep else ""))
+    return f"{target} {name}: {config.short()} fits" + (" (small-tile sweep)" if sweep else "")
 
 
 def copy_checked(document: dict, source_dtype: str = "bfloat16", target_dtype: str = "float16") -> None:
