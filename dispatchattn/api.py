@@ -7,12 +7,12 @@ import math
 import torch
 from torch.compiler import is_compiling  # by name: traced code reads fewer objects (guards)
 
-from . import capabilities, envs
+from . import capabilities, envs, failures
 from . import explain as _explain
-from .backends import get_backend
+from .backends import BACKEND_NAMES, get_backend
 from .backends.base import AttentionCall
 from .compiled import traced_attention
-from .selector import Decision, _context_policies, current_policy, select_cached
+from .selector import Decision, UnsupportedError, _context_policies, current_policy, select_cached
 from .spec import AttentionSpec, build_spec
 
 # Warm-call memo: call signature (metadata only) -> (spec, decision, backend, resolved scale, the backend's
@@ -52,8 +52,71 @@ def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse)
     caps = capabilities.probe(query.device)
-    decision = select_cached(spec, caps, current_policy(backend))
+    exclude = failures.excluded_backends(spec, caps, BACKEND_NAMES)
+    decision = select_cached(spec, caps, current_policy(backend), exclude)
     return spec, decision, caps
+
+
+def _forget_decisions() -> None:
+    """A launch failure was recorded: every memoised decision and tile config is decided again on its next call."""
+    clear_memo()
+    select_cached.cache_clear()
+    try:
+        from .autotune_cache import clear_memo as clear_config_memo
+    except ImportError:  # pragma: no cover - the config cache is optional
+        return
+    clear_config_memo()
+
+
+failures.on_record(_forget_decisions)
+
+
+def _unsupported_after_failure(name: str, why: str, decision: Decision, policy) -> UnsupportedError:
+    return UnsupportedError(
+        f"dispatchattn: {name} could not launch on {decision.device} for {decision.spec_summary}: {why}. "
+        f"It was the only backend allowed ({policy.source}); allow others (e.g. DISPATCHATTN_BACKEND={name},sdpa) "
+        "to fall back to them", decision)
+
+
+def _after_launch_failure(error: Exception, why: str, spec: AttentionSpec, decision: Decision, backend, device,
+                          rerun):
+    """The chosen backend could not launch: remember it, then ``rerun()`` (the call decides again, without it) or,
+    when it was the only backend the user allowed, raise UnsupportedError naming the failure."""
+    caps = capabilities.probe(device)
+    failures.record(caps, failures.backend_key(decision.backend, "fwd", spec), why)
+    policy = current_policy(backend)
+    if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+        raise _unsupported_after_failure(decision.backend, why, decision, policy) from error
+    return rerun()
+
+
+def _backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: AttentionCall):
+    """For a backend whose backward may fail to launch (the Triton flex kernel): the gradients from the next allowed
+    backend, computed by running its forward again under autograd on the saved inputs (bhsd)."""
+
+    def gradients(q, k, v, dout, dlse, grad_tensors, failure):
+        caps = capabilities.probe(q.device)
+        why = failures.launch_failure(failure) or str(failure)
+        failures.record(caps, failures.backend_key(decision.backend, "bwd", spec), why)
+        policy = current_policy(backend)
+        if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+            raise _unsupported_after_failure(f"{decision.backend}'s backward", why, decision, policy) from failure
+        exclude = failures.excluded_backends(spec, caps, BACKEND_NAMES)
+        runner = get_backend(select_cached(spec, caps, policy, exclude).backend)
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+            again = AttentionCall(*inputs, call.attn_mask, call.mask_mod, call.score_mod, call.scale, call.dropout_p,
+                                  call.is_causal, call.enable_gqa, dlse is not None, "bhsd")
+            out, lse = runner.run(again, spec, None)
+            wrt = [t for t in (*inputs, *grad_tensors) if t.requires_grad]
+            outputs, grads_out = [out], [dout]
+            if dlse is not None:
+                outputs.append(lse)
+                grads_out.append(dlse)
+            found = iter(torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True))
+        return [next(found) if t.requires_grad else None for t in (*inputs, *grad_tensors)]
+
+    return gradients
 
 
 def attention(
@@ -116,12 +179,22 @@ def attention(
         level = envs.explain_level(envs.as_text(explain_env))
         if level and (fresh or level >= 2):
             _explain.report(str(decision), level)
-    if direct is not None:
-        return direct(query, key, value)
-    # Inline and positional (in field order): keywords cost ~1 us on the warm eager path.
-    call = AttentionCall(query, key, value, attn_mask, spec.mask, spec.score, resolved_scale, spec.dropout_p,
-                         is_causal, enable_gqa, return_lse, layout)
-    out, lse = runner.run(call, spec, decision.config)
+    try:
+        if direct is not None:
+            return direct(query, key, value)
+        # Inline and positional (in field order): keywords cost ~1 us on the warm eager path.
+        call = AttentionCall(query, key, value, attn_mask, spec.mask, spec.score, resolved_scale, spec.dropout_p,
+                             is_causal, enable_gqa, return_lse, layout)
+        if runner.BACKWARD_FALLBACK and spec.requires_grad:
+            call.backward_fallback = _backward_fallback(spec, decision, backend, call)
+        out, lse = runner.run(call, spec, decision.config)
+    except Exception as error:  # free when nothing is raised; only launch failures are caught
+        why = failures.launch_failure(error)
+        if why is None:
+            raise
+        return _after_launch_failure(error, why, spec, decision, backend, query.device, lambda: attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
+            mask_mod=mask_mod, layout=layout, return_lse=return_lse, backend=backend))
     return (out, lse) if return_lse else out
 
 

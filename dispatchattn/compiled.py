@@ -25,10 +25,12 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from . import capabilities
 from . import explain as _explain
-from .backends import get_backend
+from .backends import BACKEND_NAMES, get_backend
 from .backends.base import AttentionCall
 from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
 from .envs import TRACED_ENVIRON, as_text, explain_level  # by name: reaching a module adds guards
+from .failures import GENERATION as FAILURES
+from .failures import excluded_backends
 from .masks import MaskMod
 from .scores import ScoreMod
 from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
@@ -114,10 +116,11 @@ DECIDED = _Decided()
 
 @torch.compiler.assume_constant_result
 def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                  layout, return_lse, policy: tuple, explain_raw, backend_raw, caps_override) -> tuple:
+                  layout, return_lse, policy: tuple, explain_raw, backend_raw, caps_override, failures_seen) -> tuple:
     """Decide a traced call; runs eagerly at trace time.  Tensors come as static tuples, the two environment
     settings as ``os.environ`` stores them (``backend_raw`` is passed only so that the traced caller reads it,
-    which makes dynamo guard it; ``current_policy`` reads the same value here).
+    which makes dynamo guard it; ``current_policy`` reads the same value here; ``failures_seen``, the count of
+    recorded launch failures, likewise: a graph is traced again after a backend failed to launch, without it).
 
     Returns ``(name, sdpa_arguments, run_message)``: the name in ``DECIDED`` of ``(spec, decision, backend)``
     (dynamo cannot guard attributes of a constant result, so the objects are read from that module-level holder
@@ -132,7 +135,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
     policy = _policy(policy)
-    decision = select_cached(spec, caps, policy)
+    decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
         decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
@@ -192,7 +195,8 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     if policy.allowed == ("triton_flex",):
         raise UnsupportedError(f"dispatchattn: {why}", decision)
     order = tuple(name for name in (policy.allowed or decision.priority) if name != "triton_flex")
-    fallback = select_cached(spec, caps, Policy(order, f"{policy.source}; {why}"))
+    fallback = select_cached(spec, caps, Policy(order, f"{policy.source}; {why}"),
+                             excluded_backends(spec, caps, BACKEND_NAMES))
     return fallback, get_backend(fallback.backend)
 
 
@@ -219,7 +223,7 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     name, sdpa_arguments, run_message = decide_static(
         *arguments, *mods, _constant(layout), _constant(return_lse), policy,
         TRACED_ENVIRON.get(b"DISPATCHATTN_EXPLAIN"), TRACED_ENVIRON.get(b"DISPATCHATTN_BACKEND"),
-        _caps_override[-1] if _caps_override else None,
+        _caps_override[-1] if _caps_override else None, FAILURES.count,
     )
     if run_message is not None:  # DISPATCHATTN_EXPLAIN=2
         explain_run(EXPLAIN_RUNS, run_message)

@@ -181,9 +181,14 @@ def priority(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, ...], st
     return _CPU_SDPA_FIRST, why
 
 
-def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy) -> Decision:
-    """Decide which backend runs ``spec`` on ``caps`` under ``policy``.  Raises UnsupportedError."""
+def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
+           exclude: tuple[tuple[str, str], ...] = ()) -> Decision:
+    """Decide which backend runs ``spec`` on ``caps`` under ``policy``.  Raises UnsupportedError.
+
+    ``exclude``: (backend, sentence) pairs of backends that must not run, e.g. those recorded as unable to launch
+    this problem on this device (``failures.excluded_backends``, looked up by the caller)."""
     default_order, rationale = priority(spec, caps)
+    excluded = dict(exclude)
     if policy.allowed:
         order = policy.allowed + tuple(n for n in default_order if n not in policy.allowed)
     else:
@@ -196,6 +201,8 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy) -> Decision:
                                                    f"(set by {policy.source})")]
             continue
         found = list(get_backend(name).why_not(spec, caps))
+        if name in excluded and not found:
+            found = [Reason("launch_failed", excluded[name])]
         if not found and chosen is not None:
             found = [Reason("lower_priority", f"could run, but {chosen} comes first in the priority order")]
         elif not found:
@@ -209,10 +216,12 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy) -> Decision:
         raise UnsupportedError(_unsupported_message(decision, policy), decision)
     backend = get_backend(chosen)
     config = backend.tile_config(spec, caps) if backend.TUNABLE else None
+    failed = tuple(f"{name} did not run: {reasons[name][0]}; {chosen} runs instead" for name in order
+                   if name in excluded and any(r.code == "launch_failed" for r in reasons.get(name, ())))
     return Decision(
         backend=chosen, reasons=reasons, spec_summary=spec.summary(), device=caps.describe(), priority=order,
         decided_by=decided_by, rationale=rationale, config=config[0] if config else None,
-        config_source=config[1] if config else None, notes=tuple(backend.notes(spec, caps)),
+        config_source=config[1] if config else None, notes=failed + tuple(backend.notes(spec, caps)),
     )
 
 
@@ -226,6 +235,7 @@ def _unsupported_message(decision: Decision, policy: Policy) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def select_cached(spec: AttentionSpec, caps: DeviceCaps, policy: Policy) -> Decision:
-    """``select`` memoised per (spec, caps, policy): a warm call pays a dictionary lookup."""
-    return select(spec, caps, policy)
+def select_cached(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
+                  exclude: tuple[tuple[str, str], ...] = ()) -> Decision:
+    """``select`` memoised per (spec, caps, policy, exclude): a warm call pays a dictionary lookup."""
+    return select(spec, caps, policy, exclude)

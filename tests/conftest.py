@@ -15,7 +15,9 @@ pytest_plugins = ["gpu_tier"]
 def _fresh_decisions():
     """Each test decides afresh: a memoised decision holds the library functions it was made with, and tests
     swap libraries for test doubles."""
-    from dispatchattn import api
+    from dispatchattn import api, failures
 
     api.clear_memo()
+    failures.clear_memory()
     yield
+    failures.clear_memory()

@@ -50,7 +50,8 @@ def empty_document(header: dict[str, Any]) -> dict[str, Any]:
     """A new cache document: schema, the caller's header fields (device, versions), no entries.
 
     ``backend_rankings`` is reserved for measured rankings of backends per device and shape bucket
-    (see DESIGN.md, "Priority is a default; measurement wins"); nothing writes it yet.
+    (see DESIGN.md, "Priority is a default; measurement wins"); nothing writes it yet.  Other sections
+    (``launch_failures``, see ``dispatchattn.failures``) are added by the first ``put`` into them.
     """
     return {
         "schema": SCHEMA,
@@ -61,22 +62,24 @@ def empty_document(header: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def why_document_invalid(document: Any, header: dict[str, Any] | None = None) -> str | None:
-    """None when ``document`` is a cache document of this schema (and carries ``header``'s values)."""
+def why_document_invalid(document: Any, header: dict[str, Any] | None = None,
+                         section: str = "tile_configs") -> str | None:
+    """None when ``document`` is a cache document of this schema with a ``section`` (and ``header``'s values)."""
     if not isinstance(document, dict):
         return f"top level is a JSON {type(document).__name__}, expected an object"
     found = (document.get("schema"), document.get("schema_version"))
     if found != (SCHEMA, SCHEMA_VERSION):
         return f"schema {found[0]!r} version {found[1]!r}, expected {SCHEMA!r} version {SCHEMA_VERSION}"
-    if not isinstance(document.get("tile_configs"), dict):
-        return "'tile_configs' is missing or not an object"
+    if not isinstance(document.get(section), dict):
+        return f"{section!r} is missing or not an object"
     for name, expected in (header or {}).items():
         if document.get(name) != expected:
             return f"{name} {document.get(name)!r} differs from this process's {expected!r}"
     return None
 
 
-def _read_document(path: Path, header: dict[str, Any] | None) -> tuple[dict | None, str | None]:
+def _read_document(path: Path, header: dict[str, Any] | None,
+                   section: str = "tile_configs") -> tuple[dict | None, str | None]:
     """(document, None) or (None, a sentence saying why it cannot be used); (None, None) when absent."""
     replaced = "ignored, it is replaced on the next write"
     try:
@@ -92,7 +95,7 @@ def _read_document(path: Path, header: dict[str, Any] | None) -> tuple[dict | No
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         why = f"{type(error).__name__}: {_first_line(error)}"
         return None, f"cache file {path} is corrupt or truncated ({why}); {replaced}"
-    problem = why_document_invalid(document, header)
+    problem = why_document_invalid(document, header, section)
     if problem:
         return None, f"cache file {path} is not a cache of this version ({problem}); {replaced}"
     return document, None
@@ -106,27 +109,27 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
 
 
-def load(path: Path, header: dict[str, Any] | None = None) -> LoadResult:
-    """The entries of the cache file at ``path`` (merged with this process's unwritten ones).
+def load(path: Path, header: dict[str, Any] | None = None, section: str = "tile_configs") -> LoadResult:
+    """The entries of ``section`` in the cache file at ``path`` (merged with this process's unwritten ones).
 
     ``header`` (e.g. device and versions) must match the file's, else the file is treated as foreign.
     Never raises.
     """
-    document, problem = _read_document(path, header)
+    document, problem = _read_document(path, header, section)
     with _memory_guard:
         pending = dict(_memory.get(str(path), {}))
-    entries = dict(document["tile_configs"]) if document else {}
+    entries = dict(document[section]) if document else {}
     entries.update(pending)
     if problem:
         return LoadResult(entries, False, problem)
     if document is None:
         where = f"no cache file yet at {path}"
         return LoadResult(entries, not pending, where + ("; results kept in memory" if pending else ""))
-    return LoadResult(entries, not pending, f"read {len(document['tile_configs'])} entries from {path}")
+    return LoadResult(entries, not pending, f"read {len(document[section])} entries from {path}")
 
 
-def put(path: Path, key: str, entry: dict, header: dict[str, Any] | None = None) -> str:
-    """Store ``entry`` under ``key`` in the file at ``path``; returns a status sentence.  Never raises.
+def put(path: Path, key: str, entry: dict, header: dict[str, Any] | None = None, section: str = "tile_configs") -> str:
+    """Store ``entry`` under ``key`` in ``section`` of the file at ``path``; returns a status sentence.  Never raises.
 
     Under the lock the current file is re-read (a corrupt or foreign one starts over empty), the entry
     is added and the whole document is written to a temp file in the same directory, ``fsync``-ed and
@@ -139,9 +142,9 @@ def put(path: Path, key: str, entry: dict, header: dict[str, Any] | None = None)
         return f"cache directory {path.parent} is unwritable ({_why(error)}); {IN_MEMORY}"
     try:
         with filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-            document, _problem = _read_document(path, header)
+            document, _problem = _read_document(path, header, section)
             document = document or empty_document(header or {})
-            document["tile_configs"][key] = entry
+            document.setdefault(section, {})[key] = entry
             _write_atomically(path, document)
     except filelock.Timeout:
         _remember(path, key, entry)

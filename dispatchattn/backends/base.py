@@ -62,6 +62,9 @@ class AttentionCall:
     enable_gqa: bool
     return_lse: bool
     layout: str
+    #: ``(q, k, v, dout, dlse, grad_tensors, failure) -> grads`` for a backend whose backward cannot launch on
+    #: this device: the gradients from the next allowed backend (set by ``api``; None: the failure is raised).
+    backward_fallback: Callable | None = None
 
     def bhsd(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.layout == "bhsd" else t.transpose(1, 2)
@@ -85,6 +88,9 @@ class Backend:
     SUPPORTS_DV_NE_D: ClassVar[bool] = True
     #: Tunable backends return a tile config from ``tile_config``.
     TUNABLE: ClassVar[bool] = False
+    #: The backward can fail to launch after the forward ran (its own kernels and configs): ``run`` hands
+    #: ``call.backward_fallback`` to it, which computes the gradients with the next allowed backend.
+    BACKWARD_FALLBACK: ClassVar[bool] = False
 
     def library_label(self, caps: DeviceCaps) -> str:
         """How reasons name the backend's library, with its version ("flash-attn 2.6.3")."""

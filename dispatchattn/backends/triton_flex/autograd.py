@@ -16,9 +16,10 @@ from collections.abc import Callable
 import torch
 
 from ...autotune_cache.config import TileConfig
+from ...failures import LaunchFailed
 from ...masks import MaskMod
 from ...scores import ScoreMod
-from . import codegen
+from . import codegen, ladder
 from .block_mask import BlockMask, build_block_mask
 from .kernels import (
     MAX_BUFFERS,
@@ -97,12 +98,16 @@ def flex_forward(q, k, v, generated: codegen.Generated, block_mask: BlockMask, s
     ``generated`` may come from ``codegen.generated_by_key(key)``; ``buffers`` then carries the captured
     tensors (same shapes, dtypes and strides as when the kernel was generated).
     """
-    out = _out_like(q, v.shape[-1], q.dtype)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    buffers = _slots(generated, buffers, q.device)
-    launch = fwd_launch(q, k, v, out, lse, buffers, _kv_lists(block_mask), scale, generated, config, True)
-    launch.run(config, _vendor(q.device))
-    return out, lse
+    slots = _slots(generated, buffers, q.device)
+
+    def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _out_like(q, v.shape[-1], q.dtype)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        launch = fwd_launch(q, k, v, out, lse, slots, _kv_lists(block_mask), scale, generated, config, True)
+        launch.run(config, _vendor(q.device))
+        return out, lse
+
+    return ladder.run("fwd", config, block_mask, ladder.launch_problem(q, v, generated), q.device, attempt)
 
 
 def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, block_mask: BlockMask,
@@ -113,39 +118,48 @@ def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, b
     delta = torch.empty_like(lse)
     preprocess_launch(out, dout, dlse, delta).run(PREPROCESS_CONFIG, vendor)
     buffers = _slots(generated, buffers, q.device)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, _q_lists(block_mask), scale, generated,
-                config).run(config, vendor)
-    grads = [torch.zeros(generated.buffers[s].shape, dtype=torch.float32, device=q.device)
-             for s in generated.grad_slots]
-    slots = [torch.zeros(1, dtype=torch.float32, device=q.device)] * MAX_BUFFERS
-    for slot, grad in zip(generated.grad_slots, grads):
-        slots[slot] = grad
-    dq_launch(q, k, v, dout, lse, delta, dq, buffers, slots, _kv_lists(block_mask), scale, generated, config,
-              bool(grads)).run(config, vendor)
-    return (dq, dk, dv, *(g.to(generated.buffers[s].dtype) for s, g in zip(generated.grad_slots, grads)))
+
+    def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, _q_lists(block_mask), scale, generated,
+                    config).run(config, vendor)
+        grads = [torch.zeros(generated.buffers[s].shape, dtype=torch.float32, device=q.device)
+                 for s in generated.grad_slots]
+        slots = [torch.zeros(1, dtype=torch.float32, device=q.device)] * MAX_BUFFERS
+        for slot, grad in zip(generated.grad_slots, grads):
+            slots[slot] = grad
+        dq_launch(q, k, v, dout, lse, delta, dq, buffers, slots, _kv_lists(block_mask), scale, generated, config,
+                  bool(grads)).run(config, vendor)
+        return (dq, dk, dv, *(g.to(generated.buffers[s].dtype) for s, g in zip(generated.grad_slots, grads)))
+
+    return ladder.run("bwd", config, block_mask, ladder.launch_problem(q, v, generated), q.device, attempt)
 
 
 class _TritonFlexFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, generated, mask_mod, fwd_config, bwd_config, *grad_tensors):
+    def forward(ctx, q, k, v, scale, generated, mask_mod, fwd_config, bwd_config, backward_fallback, *grad_tensors):
         block_mask = _block_mask(mask_mod, q, k, fwd_config)
         out, lse = flex_forward(q, k, v, generated, block_mask, scale, fwd_config)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.flex = (scale, generated, mask_mod, bwd_config)
+        ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
+        ctx.flex = (scale, generated, mask_mod, bwd_config, backward_fallback)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, generated, mask_mod, bwd_config = ctx.flex
+        q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
+        scale, generated, mask_mod, bwd_config, backward_fallback = ctx.flex
         if dout is None:
             dout = torch.zeros_like(out)
         block_mask = _block_mask(mask_mod, q, k, bwd_config)
-        dq, dk, dv, *grads = flex_backward(q, k, v, out, lse, dout, dlse, generated, block_mask, scale,
-                                           bwd_config)
-        return (dq, dk, dv, None, None, None, None, None, *grads)
+        try:
+            dq, dk, dv, *grads = flex_backward(q, k, v, out, lse, dout, dlse, generated, block_mask, scale,
+                                               bwd_config)
+        except LaunchFailed as failure:
+            if backward_fallback is None:
+                raise
+            dq, dk, dv, *grads = backward_fallback(q, k, v, dout, dlse, grad_tensors, failure)
+        return (dq, dk, dv, None, None, None, None, None, None, *grads)
 
 
 def _block_mask(mask_mod, q: torch.Tensor, k: torch.Tensor, config: TileConfig) -> BlockMask:
@@ -184,13 +198,16 @@ def prepare_mods(q, k, v, score_mod, mask_mod) -> tuple[Callable | None, Callabl
 def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           score_mod: Callable | ScoreMod | None = None, mask_mod: Callable | MaskMod | None = None,
                           scale: float, return_lse: bool = False, fwd_config: TileConfig | None = None,
-                          bwd_config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          bwd_config: TileConfig | None = None,
+                          backward_fallback: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused block-sparse attention with generated mods: ``(out (B, Hq, Sq, Dv), lse or None)``.
 
     ``q`` (B, Hq, Sq, D), ``k`` (B, Hkv, Sk, D), ``v`` (B, Hkv, Sk, Dv), any strides; ``Hq % Hkv == 0``.
     ``score_mod`` / ``mask_mod``: FlexAttention signatures (da.scores / da.masks objects bound to the
     lengths, or any traceable callable).  Fully-masked rows give 0 and ``lse = -inf``.  Gradients flow to
-    q, k, v and to floating captured tensors of the score_mod that require grad.
+    q, k, v and to floating captured tensors of the score_mod that require grad.  A launch that fails retries
+    smaller tile configs (``ladder``); when no backward config launches, ``backward_fallback(q, k, v, dout, dlse,
+    grad_tensors, failure)`` computes the gradients (another backend), else ``failures.LaunchFailed`` is raised.
     """
     score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
     vendor = _vendor(q.device)
@@ -201,7 +218,7 @@ def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in grad_tensors))
     if needs_grad:
         out, lse = _TritonFlexFunction.apply(q, k, v, scale, generated, mask_mod, fwd_config, bwd_config,
-                                             *grad_tensors)
+                                             backward_fallback, *grad_tensors)
     else:
         out, lse = flex_forward(q, k, v, generated, _block_mask(mask_mod, q, k, fwd_config), scale, fwd_config)
     return out, (lse if return_lse else None)

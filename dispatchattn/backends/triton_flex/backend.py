@@ -110,6 +110,7 @@ class TritonFlexBackend(Backend):
     SUPPORTS_BACKWARD = True
     SUPPORTS_DV_NE_D = True
     TUNABLE = True
+    BACKWARD_FALLBACK = True
 
     def library_label(self, caps: DeviceCaps) -> str:
         version = caps.libraries.triton
@@ -167,8 +168,26 @@ class TritonFlexBackend(Backend):
         return codegen.unsupported_reason(spec.score, spec.mask, _device(spec))
 
     def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
-        """The forward kernel's config, or the decoding kernel's (``decoding(spec, caps)``), with its source."""
-        return self._config("decode" if decoding(spec, caps) else "fwd", spec, caps)
+        """The forward kernel's config, or the decoding kernel's (``decoding(spec, caps)``), with its source; a
+        config recorded as unable to launch here is replaced by the one the launch will run (``ladder``)."""
+        kernel = "decode" if decoding(spec, caps) else "fwd"
+        return self._launchable(kernel, spec, caps, *self._config(kernel, spec, caps))
+
+    @staticmethod
+    def _launchable(kernel: str, spec: AttentionSpec, caps: DeviceCaps, config, source: str):
+        """(config, source) with the failed configs ``ladder.run`` will skip already skipped, and said so."""
+        from . import ladder
+
+        try:
+            from . import codegen
+
+            mask = _and(spec.mask, Causal()) if spec.is_causal else spec.mask
+            generated = codegen.generate(spec.score, mask, _device(spec))
+        except Exception:  # noqa: BLE001 - mods the kernel cannot take are refused elsewhere; nothing recorded
+            return config, source
+        problem = ladder.problem_key(spec.dtype, spec.head_dim, spec.head_dim_v, generated.key)
+        runs, skipped = ladder.first_launchable(kernel, config, problem, caps)
+        return (runs, f"{source}; then {skipped}") if skipped else (config, source)
 
     @staticmethod
     def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
@@ -197,7 +216,7 @@ class TritonFlexBackend(Backend):
                          f"{spill_refusals(spec, caps)['decode']}")
         notes.append(f"forward tile config {config.short()} (from {source})")
         if spec.requires_grad or spec.mods_need_grad:
-            bwd_config, bwd_source = self._config("bwd", spec, caps)
+            bwd_config, bwd_source = self._launchable("bwd", spec, caps, *self._config("bwd", spec, caps))
             notes.append(f"backward tile config {bwd_config.short()} (from {bwd_source})")
         return notes
 
@@ -254,18 +273,23 @@ class TritonFlexBackend(Backend):
         caps = probe(q.device)
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if decoding(spec, caps) and not grad:
+            from ...failures import LaunchFailed
             from .decode import decode_flex_attention
 
             decode_config = config if isinstance(config, TileConfig) else self._config("decode", spec, caps)[0]
             score_mod, mask_mod = call_mods(call)
-            out, lse = decode_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
-                                             return_lse=call.return_lse, config=decode_config, caps=caps)
-            return call.from_bhsd(out), lse
+            try:
+                out, lse = decode_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
+                                                 return_lse=call.return_lse, config=decode_config, caps=caps)
+                return call.from_bhsd(out), lse
+            except LaunchFailed:
+                pass  # recorded: the forward kernel runs the call below, with its own configs
         if decoding(spec, caps):  # the decision's config is the decoding kernel's: the forward kernel has its own
             config = None
         fwd_config = config if isinstance(config, TileConfig) else self._config("fwd", spec, caps)[0]
         bwd_config = self._config("bwd", spec, caps)[0] if spec.requires_grad or spec.mods_need_grad else None
         score_mod, mask_mod = call_mods(call)
         out, lse = triton_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=call.scale,
-                                         return_lse=call.return_lse, fwd_config=fwd_config, bwd_config=bwd_config)
+                                         return_lse=call.return_lse, fwd_config=fwd_config, bwd_config=bwd_config,
+                                         backward_fallback=call.backward_fallback)
         return call.from_bhsd(out), lse

@@ -27,7 +27,7 @@ import torch
 
 from ...masks import MaskMod
 
-__all__ = ["BlockMask", "build_block_mask", "tile_classes"]
+__all__ = ["BlockMask", "build_block_mask", "refine", "tile_classes"]
 
 #: Largest number of mask elements an opaque mask_mod is evaluated on at once.
 CHUNK_ELEMENTS = 1 << 22
@@ -173,3 +173,38 @@ def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return block_mask
+
+
+def refine(block_mask: BlockMask, block_m: int, block_n: int) -> BlockMask:
+    """``block_mask`` at smaller tiles (``block_m`` / ``block_n`` dividing its own), without the mask_mod.
+
+    Each smaller tile takes the class of the tile it lies in: an empty tile's parts are empty, a full tile's are
+    full (every element is kept), a partial tile's are partial (the kernel evaluates the mask_mod there, so this is
+    exact, only less sparse than classifying the small tiles afresh).  Used when a launch at the larger tiles
+    fails and the index tensors are all there is (inside a compiled graph)."""
+    if (block_m, block_n) == (block_mask.block_m, block_mask.block_n):
+        return block_mask
+    if block_mask.block_m % block_m or block_mask.block_n % block_n:
+        raise ValueError(f"block_m/block_n: expected divisors of {block_mask.block_m}/{block_mask.block_n}, "
+                         f"got {block_m}/{block_n}")
+    n_q, n_kv = -(-block_mask.seq_q // block_m), -(-block_mask.seq_kv // block_n)
+
+    def dense(num: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        columns = torch.arange(indices.shape[-1], device=indices.device)
+        chosen = columns < num.unsqueeze(-1).long()
+        selected = torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+        return selected.scatter_(-1, indices.long(), chosen)
+
+    def finer(selected: torch.Tensor) -> torch.Tensor:
+        rows = selected.repeat_interleave(block_mask.block_m // block_m, dim=-2)[..., :n_q, :]
+        return rows.repeat_interleave(block_mask.block_n // block_n, dim=-1)[..., :n_kv]
+
+    partial = finer(dense(block_mask.kv_num_blocks, block_mask.kv_indices))
+    full = finer(dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+    kv_num, kv_idx = _index_lists(partial)
+    full_kv_num, full_kv_idx = _index_lists(full)
+    q_num, q_idx = _index_lists(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = _index_lists(full.transpose(-1, -2))
+    return BlockMask(block_m, block_n, block_mask.seq_q, block_mask.seq_kv, kv_num, kv_idx, full_kv_num, full_kv_idx,
+                     q_num, q_idx, full_q_num, full_q_idx, fraction_computed=block_mask.fraction_computed,
+                     fraction_partial=float(partial.float().mean()))

@@ -202,19 +202,27 @@ def launch_config(kernel: str, config: TileConfig) -> TileConfig:
 def decode_attention(q, k, v, generated, lists: GroupLists, scale: float, config: TileConfig, num_splits: int,
                      vendor: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both decoding launches over ``lists`` (``group_lists`` at ``config.block_n``): (out (B, Hq, Sq, Dv)
-    in q's dtype, lse (B, Hq, Sq) fp32 natural log)."""
+    in q's dtype, lse (B, Hq, Sq) fp32 natural log).  A config that cannot launch retries with fewer stages (the
+    lists fix the tile); ``failures.LaunchFailed`` when none launches (the caller runs the forward kernel)."""
+    from . import ladder
     from .autograd import _out_like
 
     batch, heads, seq_q, _ = q.shape
     dim_v = v.shape[-1]
-    out_part = torch.empty(num_splits, batch, heads, seq_q, dim_v, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(num_splits, batch, heads, seq_q, dtype=torch.float32, device=q.device)
     buffers = buffer_slots(generated, q.device)
-    decode_launch(q, k, v, out_part, lse_part, buffers, lists.as_tuple(), scale, generated, config,
-                  num_splits).run(config, vendor)
-    out = _out_like(q, dim_v, q.dtype)
-    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    reduce_launch(out_part, lse_part, out, lse, num_splits).run(launch_config("decode_reduce", config), vendor)
+
+    def attempt(config: TileConfig, _block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        out_part = torch.empty(num_splits, batch, heads, seq_q, dim_v, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, batch, heads, seq_q, dtype=torch.float32, device=q.device)
+        decode_launch(q, k, v, out_part, lse_part, buffers, lists.as_tuple(), scale, generated, config,
+                      num_splits).run(config, vendor)
+        out = _out_like(q, dim_v, q.dtype)
+        lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
+        reduce_launch(out_part, lse_part, out, lse, num_splits).run(launch_config("decode_reduce", config), vendor)
+        return out, lse
+
+    out, lse = ladder.run("decode", config, None, ladder.launch_problem(q, v, generated), q.device, attempt,
+                          tile_fixed=True)
     runs["decode"] += 1
     return out, lse
 
