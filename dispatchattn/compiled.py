@@ -23,14 +23,14 @@ import torch
 from torch import Tensor  # traced code reads these names, not ``torch``: fewer guards
 from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
-from . import capabilities
+from . import capabilities, failures
 from . import explain as _explain
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import AttentionCall
 from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
 from .envs import TRACED_ENVIRON, as_text, explain_level  # by name: reaching a module adds guards
 from .failures import GENERATION as FAILURES
-from .failures import excluded_backends
+from .failures import LaunchFailed, excluded_backends
 from .masks import MaskMod
 from .scores import ScoreMod
 from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
@@ -179,7 +179,8 @@ def _policy(settings: tuple) -> Policy:
 def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     """The in-house kernel runs in a graph through ``torch.ops.dispatchattn.triton_flex_*`` (see its ``ops.py``).
     When those cannot run the call, the next allowed backend is chosen, or the forced choice is refused."""
-    from .backends.triton_flex import ops
+    from .backends.triton_flex import ladder, ops
+    from .backends.triton_flex.backend import decoding, spec_mask
 
     backend = get_backend("triton_flex")
     try:
@@ -188,8 +189,13 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
             # function" (its cells may hold traced tensors, so it cannot be made a constant).
             raise ValueError("a mod that is a closure (or has defaults) is opaque at trace time; closure-free "
                              "functions and da.masks / da.scores objects are planned")
-        bwd_config = backend._config("bwd", spec, caps)[0]
-        return decision, ops.plan(spec, spec.score, spec.mask, decision.config, bwd_config, device, caps)
+        fwd_config, bwd_config = decision.config, backend._config("bwd", spec, caps)[0]
+        if not decoding(spec, caps):  # a config that cannot launch here fails now, not inside the graph
+            fwd_config, bwd_config = ladder.probe(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
+        return decision, ops.plan(spec, spec.score, spec.mask, fwd_config, bwd_config, device, caps)
+    except LaunchFailed as error:
+        failures.record(caps, failures.backend_key("triton_flex", error.kernel, spec), str(error))
+        why = f"triton_flex could not launch on this device: {error}"
     except ValueError as error:
         why = f"inside torch.compile triton_flex runs through its custom ops, which cannot run this call: {error}"
     if policy.allowed == ("triton_flex",):

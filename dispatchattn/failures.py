@@ -101,10 +101,13 @@ _listeners: list[Callable[[], None]] = []
 
 
 class _Generation:
-    """How many failures this process has recorded.  Compiled graphs read ``GENERATION.count`` (dynamo guards its
-    value), so a graph traced before a failure is traced again, without the backend that failed."""
+    """How many failures this process has recorded outside tracing.  Compiled graphs read ``GENERATION.count``
+    (dynamo guards its value), so a graph traced before a failure is traced again, without the backend that failed.
+    A failure found while tracing (``ladder.probe``) is already accounted for by the graph being traced: counting it
+    would fail that graph's own guard."""
 
-    count = 0
+    def __init__(self):
+        self.count = 0
 
 
 GENERATION = _Generation()
@@ -180,10 +183,17 @@ def record(caps, record_key: str, message: str) -> dict:
     with _guard:
         _memory[(where, record_key)] = {**entry, "file": where, "status": status}
         _loaded.pop(where, None)
-        GENERATION.count += 1
+        if not _compiling():
+            GENERATION.count += 1
     for listener in list(_listeners):
         listener()
     return _memory[(where, record_key)]
+
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def describe(entry: dict) -> str:
@@ -193,10 +203,13 @@ def describe(entry: dict) -> str:
 
 
 def clear_memory() -> None:
-    """Forget every failure this process recorded or read (tests; the files stay)."""
+    """Forget every failure this process recorded or read, and the decisions made with them (tests; the files
+    stay)."""
     with _guard:
         _memory.clear()
         _loaded.clear()
+    for listener in list(_listeners):
+        listener()
 
 
 def backend_key(backend: str, kernel: str, spec) -> str:

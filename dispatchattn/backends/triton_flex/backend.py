@@ -86,6 +86,11 @@ def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
     return found
 
 
+def spec_mask(spec: AttentionSpec) -> Callable | None:
+    """The mask_mod of ``spec`` with ``is_causal`` folded in (the dense ``attn_mask`` is not: it is tensor data)."""
+    return _and(spec.mask, Causal()) if spec.is_causal else spec.mask
+
+
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
     """(score_mod, mask_mod) of a call with ``is_causal`` and ``attn_mask`` folded in."""
     score_mod, mask_mod = call.score_mod, call.mask_mod
@@ -181,8 +186,7 @@ class TritonFlexBackend(Backend):
         try:
             from . import codegen
 
-            mask = _and(spec.mask, Causal()) if spec.is_causal else spec.mask
-            generated = codegen.generate(spec.score, mask, _device(spec))
+            generated = codegen.generate(spec.score, spec_mask(spec), _device(spec))
         except Exception:  # noqa: BLE001 - mods the kernel cannot take are refused elsewhere; nothing recorded
             return config, source
         problem = ladder.problem_key(spec.dtype, spec.head_dim, spec.head_dim_v, generated.key)
@@ -222,9 +226,7 @@ class TritonFlexBackend(Backend):
 
     @staticmethod
     def _kernel_note(spec: AttentionSpec) -> str | None:
-        mask = spec.mask
-        if spec.is_causal:
-            mask = _and(mask, Causal())
+        mask = spec_mask(spec)
         dense = " plus a read of the dense attn_mask" if spec.attn_mask is not None else ""
         if spec.score is None and mask is None:
             return f"plain kernel (no score_mod / mask_mod){dense}"
