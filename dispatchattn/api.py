@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.compiler import is_compiling  # by name: traced code reads fewer objects (guards)
 
 from . import capabilities, envs, failures
@@ -90,9 +91,9 @@ def _after_launch_failure(error: Exception, why: str, spec: AttentionSpec, decis
     return rerun()
 
 
-def _backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: AttentionCall):
-    """For a backend whose backward may fail to launch (the Triton flex kernel): the gradients from the next allowed
-    backend, computed by running its forward again under autograd on the saved inputs (bhsd)."""
+def _backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: AttentionCall, layout: str = "bhsd"):
+    """For a backward that fails to launch: the gradients from the next allowed backend, computed by running its
+    forward again under autograd on the saved inputs (in ``layout``)."""
 
     def gradients(q, k, v, dout, dlse, grad_tensors, failure):
         caps = capabilities.probe(q.device)
@@ -106,7 +107,7 @@ def _backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: A
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
             again = AttentionCall(*inputs, call.attn_mask, call.mask_mod, call.score_mod, call.scale, call.dropout_p,
-                                  call.is_causal, call.enable_gqa, dlse is not None, "bhsd")
+                                  call.is_causal, call.enable_gqa, dlse is not None, layout)
             out, lse = runner.run(again, spec, None)
             wrt = [t for t in (*inputs, *grad_tensors) if t.requires_grad]
             outputs, grads_out = [out], [dout]
@@ -117,6 +118,58 @@ def _backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: A
         return [next(found) if t.requires_grad else None for t in (*inputs, *grad_tensors)]
 
     return gradients
+
+
+class _GuardedBackward(torch.autograd.Function):
+    """A library backend's call whose backward may refuse to launch (a flash-attn, xFormers, cuDNN or compiled
+    FlexAttention backward kernel that does not support these shapes here): its forward runs inside, under
+    autograd, and its backward is run by ``torch.autograd.grad``, so that a launch failure there can be caught and
+    the gradients taken from the next backend instead.  Eager calls whose inputs require grad only."""
+
+    @staticmethod
+    def forward(ctx, run, fallback, query, key, value):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)]
+            out, lse = run(*inputs)
+        ctx.inner, ctx.fallback = (inputs, out, lse), fallback
+        ctx.set_materialize_grads(False)
+        return out.detach(), (lse.detach() if lse is not None else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        inputs, out, lse = ctx.inner
+        outputs, grads_out = [], []
+        for output, grad in ((out, dout), (lse, dlse)):
+            if output is not None and grad is not None:
+                outputs.append(output)
+                grads_out.append(grad)
+        wrt = [t for t in inputs if t.requires_grad]
+        try:
+            found = iter(torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True))
+            grads = [next(found) if t.requires_grad else None for t in inputs]
+        except Exception as error:
+            if failures.launch_failure(error) is None:
+                raise
+            grads = ctx.fallback(*inputs, dout if dout is not None else torch.zeros_like(out), dlse, [], error)
+        return (None, None, *grads[:3])
+
+
+def _guarded(runner, spec: AttentionSpec, decision: Decision, backend, call: AttentionCall, direct):
+    """``(out, lse)`` of ``runner`` with its backward guarded against launch failures (``_GuardedBackward``)."""
+    if direct is not None:
+        def run(query, key, value):
+            return direct(query, key, value), None
+    else:
+        def run(query, key, value):
+            inner = AttentionCall(query, key, value, *(getattr(call, f) for f in _CALL_REST))
+            return runner.run(inner, spec, decision.config)
+    fallback = _backward_fallback(spec, decision, backend, call, call.layout)
+    return _GuardedBackward.apply(run, fallback, call.query, call.key, call.value)
+
+
+_CALL_REST = ("attn_mask", "mask_mod", "score_mod", "scale", "dropout_p", "is_causal", "enable_gqa", "return_lse",
+              "layout")
 
 
 def attention(
@@ -180,14 +233,25 @@ def attention(
         if level and (fresh or level >= 2):
             _explain.report(str(decision), level)
     try:
-        if direct is not None:
+        if direct is not None and not spec.requires_grad:
             return direct(query, key, value)
         # Inline and positional (in field order): keywords cost ~1 us on the warm eager path.
         call = AttentionCall(query, key, value, attn_mask, spec.mask, spec.score, resolved_scale, spec.dropout_p,
                              is_causal, enable_gqa, return_lse, layout)
-        if runner.BACKWARD_FALLBACK and spec.requires_grad:
+        if not spec.requires_grad or not torch.is_grad_enabled():
+            out, lse = runner.run(call, spec, decision.config)
+        elif runner.BACKWARD_FALLBACK:  # the backend runs the fallback itself (after its own smaller configs)
             call.backward_fallback = _backward_fallback(spec, decision, backend, call)
-        out, lse = runner.run(call, spec, decision.config)
+            out, lse = runner.run(call, spec, decision.config)
+        elif runner.BACKWARD_MAY_FAIL and not spec.mods_need_grad and (
+                attn_mask is None or not attn_mask.requires_grad):
+            out, lse = _guarded(runner, spec, decision, backend, call, direct)
+            if direct is not None:
+                return out
+        elif direct is not None:
+            return direct(query, key, value)
+        else:
+            out, lse = runner.run(call, spec, decision.config)
     except Exception as error:  # free when nothing is raised; only launch failures are caught
         why = failures.launch_failure(error)
         if why is None:

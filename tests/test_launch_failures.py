@@ -251,6 +251,48 @@ def test_a_library_refusal_runs_the_next_backend_and_is_explained(monkeypatch, _
         da.attention(q, k, v, is_causal=True, backend="sdpa")
 
 
+class _RefusingBackward(torch.autograd.Function):
+    """SDPA's forward, and a backward that refuses as cuDNN does for shapes its backward kernels lack."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal):
+        return REAL_SDPA(q, k, v, is_causal=is_causal)
+
+    @staticmethod
+    def backward(ctx, dout):
+        raise RuntimeError("cuDNN Frontend error: [cudnn_frontend] Error: No execution plans support the graph.")
+
+
+REAL_SDPA = F.scaled_dot_product_attention
+
+
+def test_a_library_backward_refusal_takes_the_gradients_of_the_next_backend(monkeypatch):
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, is_causal=False, **kw: _RefusingBackward.apply(q, k, v, is_causal))
+    q, k, v = _inputs(17, grad=True)
+    out = da.attention(q, k, v, is_causal=True)
+    assert da.explain(q, k, v, is_causal=True).backend == "sdpa"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(17))
+    out.backward(dout)
+    want, _, grads = _oracle(q, k, v, lambda b, h, i, j: j <= i, dout)
+    assert (out.double() - want).abs().max() < ATOL
+    for got, expected in zip((q.grad, k.grad, v.grad), grads):
+        assert (got.double() - expected).abs().max() < ATOL
+    after = da.explain(q, k, v, is_causal=True)
+    assert after.backend != "sdpa" and "its backward could not launch" in str(after) and "cuDNN" in str(after)
+    with pytest.raises(da.UnsupportedError, match="could not launch"):  # refused at selection from now on
+        da.attention(q, k, v, is_causal=True, backend="sdpa")
+
+
+def test_a_library_backward_refusal_with_the_backend_forced_raises_unsupported(monkeypatch):
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, is_causal=False, **kw: _RefusingBackward.apply(q, k, v, is_causal))
+    q, k, v = _inputs(18, grad=True)
+    out = da.attention(q, k, v, is_causal=True, backend="sdpa")
+    with pytest.raises(da.UnsupportedError, match="sdpa's backward could not launch.*cuDNN"):
+        out.sum().backward()
+
+
 def test_explain_env_logs_the_failure_and_what_ran_instead(monkeypatch, caplog):
     _refusing_sdpa(monkeypatch)
     monkeypatch.setenv("DISPATCHATTN_EXPLAIN", "1")

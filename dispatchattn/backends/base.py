@@ -91,6 +91,9 @@ class Backend:
     #: The backward can fail to launch after the forward ran (its own kernels and configs): ``run`` hands
     #: ``call.backward_fallback`` to it, which computes the gradients with the next allowed backend.
     BACKWARD_FALLBACK: ClassVar[bool] = False
+    #: The backward runs kernels that may refuse to launch on this device (a library's backward kernels): the call
+    #: guards it (``api._GuardedBackward``) so that the next backend computes the gradients instead.
+    BACKWARD_MAY_FAIL: ClassVar[bool] = True
 
     def library_label(self, caps: DeviceCaps) -> str:
         """How reasons name the backend's library, with its version ("flash-attn 2.6.3")."""

@@ -84,6 +84,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm", "mps", "xpu"})
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    BACKWARD_MAY_FAIL = False  # autograd through plain tensor ops
 
     def library_label(self, caps) -> str:
         return "the reference implementation"
