@@ -251,6 +251,34 @@ def test_a_library_refusal_runs_the_next_backend_and_is_explained(monkeypatch, _
         da.attention(q, k, v, is_causal=True, backend="sdpa")
 
 
+def test_a_flash_attn_refusal_runs_the_next_backend(monkeypatch):
+    """flash-attn (a test double) refusing the call as it does for an unsupported head dim on a GPU it does not
+    know: the next backend of the GPU order runs (SDPA here, on the CPU tensors of the double's test)."""
+    from fakes.flash_doubles import install, make_fa2
+    from packaging.version import Version
+
+    from dispatchattn.capabilities import DeviceCaps, Libraries, pretend
+
+    fa2 = make_fa2()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("FlashAttention forward only supports head dimension at most 256")
+
+    fa2.flash_attn_func = refuse
+    install(monkeypatch, fa2=fa2)
+    gpu = DeviceCaps.synthetic("sm_90", libraries=Libraries(torch=Version("2.13"), flash_attn=Version("2.8.3")))
+    q, k, v = (t.half() for t in _inputs(19))
+    with pretend(gpu):
+        assert da.explain(q, k, v, is_causal=True).backend == "flash"
+        out = da.attention(q, k, v, is_causal=True)
+        decision = da.explain(q, k, v, is_causal=True)
+        with pytest.raises(da.UnsupportedError, match="only supports head dimension"):
+            da.attention(q, k, v, is_causal=True, backend="flash")
+    want, _, _ = _oracle(q, k, v, lambda b, h, i, j: j <= i)
+    assert (out.double() - want).abs().max() < 1.5e-3  # fp16 SDPA, CPU: 5.4e-4 (0.5e-3..0.93e-3, 5 seeds)
+    assert decision.backend == "sdpa" and "flash did not run" in str(decision)
+
+
 class _RefusingBackward(torch.autograd.Function):
     """SDPA's forward, and a backward that refuses as cuDNN does for shapes its backward kernels lack."""
 
