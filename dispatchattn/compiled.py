@@ -190,9 +190,12 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
             raise ValueError("a mod that is a closure (or has defaults) is opaque at trace time; closure-free "
                              "functions and da.masks / da.scores objects are planned")
         fwd_config, bwd_config = decision.config, backend._config("bwd", spec, caps)[0]
+        plan = ops.plan(spec, spec.score, spec.mask, fwd_config, bwd_config, device, caps)  # or ValueError
         if not decoding(spec, caps):  # a config that cannot launch here fails now, not inside the graph
-            fwd_config, bwd_config = ladder.probe(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
-        return decision, ops.plan(spec, spec.score, spec.mask, fwd_config, bwd_config, device, caps)
+            launched = ladder.probe(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
+            if launched != (fwd_config, bwd_config):
+                plan = ops.plan(spec, spec.score, spec.mask, *launched, device, caps)
+        return decision, plan
     except LaunchFailed as error:
         failures.record(caps, failures.backend_key("triton_flex", error.kernel, spec), str(error))
         why = f"triton_flex could not launch on this device: {error}"

@@ -247,7 +247,7 @@ def test_triton_flex_decoding_op_passes_opcheck():
         spec = da.compiled.build_spec(q, k, v, mask_mod=da.masks.causal(bottom_right=True), enable_gqa=True)
         plan = ops.plan(spec, None, spec.mask, config, config, q.device, probe(q.device))
     assert isinstance(plan, ops.DecodePlan)
-    args = (q, k, v, plan.group_lists, plan.kernel_key, 0.25, plan.config, 3)  # 3 splits of the 77 keys
+    args = (q, k, v, [], plan.group_lists, plan.kernel_key, 0.25, plan.config, 3)  # 3 splits of the 77 keys
     torch.library.opcheck(ops.triton_flex_decode, args)
     out, lse = ops.triton_flex_decode(*args)
     keep = torch.ones(2, 4, 1, 77, dtype=torch.bool)  # bottom-right causal with one query keeps every key
@@ -279,11 +279,11 @@ def test_triton_flex_ops_pass_opcheck():
     spec = da.compiled.build_spec(q, k, v, mask_mod=da.masks.causal())
     plan = ops.plan(spec, None, spec.mask, config, config, q.device, probe(q.device))
     assert codegen.generated_by_key(plan.kernel_key).buffers == []
-    fwd_args = (q, k, v, plan.kv_lists, plan.bwd_lists, plan.kernel_key, 0.25, plan.config, plan.bwd_config)
+    fwd_args = (q, k, v, [], plan.kv_lists, plan.bwd_lists, plan.kernel_key, 0.25, plan.config, plan.bwd_config)
     torch.library.opcheck(ops.triton_flex_fwd, fwd_args)
     out, lse = ops.triton_flex_fwd(*fwd_args)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    bwd_args = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, None, plan.bwd_lists,
+    bwd_args = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, None, [], plan.bwd_lists,
                 plan.kernel_key, 0.25, plan.bwd_config)
     torch.library.opcheck(ops.triton_flex_bwd, bwd_args)
 

@@ -27,9 +27,9 @@ def test_source_is_readable_with_one_comment_per_op():
     generated = codegen.generate(score_mod, da.masks.causal())
     source = generated.path.read_text()
     assert generated.path.parent.name == "kernels" and generated.key[:32] in generated.path.name
-    for expected in ("# aten.tanh(", "# aten.index(buf0, [h, ", "def score_mod(score, b, h, q_idx, kv_idx",
+    for expected in ("# aten.tanh(", "# aten.index(bufs[0], [h, ", "def score_mod(score, b, h, q_idx, kv_idx",
                      "def score_mod_bwd(", "def mask_mod(b, h, q_idx, kv_idx", "v_ge = v_add >= kv_idx",
-                     "# buf0: captured float32 tensor [2, 63]"):
+                     "# bufs[0]: captured float32 tensor [2, 63]"):
         assert expected in source, expected
 
 
@@ -50,10 +50,19 @@ def test_supported_mods_have_no_reason_and_devices_are_checked():
     assert "captured tensor on another device" in reason and "meta" in reason
 
 
-def test_too_many_captured_tensors_are_refused():
-    tables = [torch.randn(4) for _ in range(codegen.MAX_BUFFERS + 1)]
-    score_mod = lambda s, b, h, q, kv: s + sum(t[kv % 4] for t in tables)  # noqa: E731
-    assert f"at most {codegen.MAX_BUFFERS}" in codegen.unsupported_reason(score_mod, None, "cpu")
+def test_any_number_of_captured_tensors_becomes_one_tuple_argument():
+    """Nine captured tensors (three dtypes): no refusal, and the kernels take exactly nine pointers in ``BUFS``."""
+    dtypes = [torch.float32, torch.int32, torch.bfloat16] * 3
+    tables = [torch.randn(5).to(dtype) for dtype in dtypes]
+    score_mod = lambda s, b, h, q, kv: s + sum(t[kv % 5] for t in tables)  # noqa: E731
+    assert codegen.unsupported_reason(score_mod, None, "cpu") is None
+    generated = codegen.generate(score_mod, None)
+    assert len(generated.buffers) == 9 and "_load(bufs[8], " in generated.path.read_text()
+    _, signature, _ = kernels.aot_entry("fwd", generated, torch.float16, 32, 32, TileConfig(32, 32))
+    assert signature["BUFS"] == ("*fp32", "*i32", "*bf16") * 3
+    _, signature, _ = kernels.aot_entry("bwd_dq", codegen.generate(None, None), torch.float16, 32, 32,
+                                        TileConfig(32, 32))
+    assert signature["BUFS"] == () and signature["GBUFS"] == ()
 
 
 def test_memory_cache_reuses_the_module():
@@ -128,9 +137,9 @@ def test_aot_entry_describes_every_argument(kernel):
     assert {n for n, t in signature.items() if t == "constexpr"} == set(constexprs)
     if kernel != "bwd_preprocess":
         assert constexprs["D_PAD"] == 128 and constexprs["HEAD_DIM"] == 72 and constexprs["EVEN_N"] is False
-        assert signature["B0"] == "*fp32" and signature["Q"] == "*bf16"
+        assert signature["BUFS"] == ("*fp32",) and signature["Q"] == "*bf16"
     if kernel == "bwd_dq":
-        assert constexprs["ACCUMULATE"] is True and signature["G0"] == "*fp32"
+        assert constexprs["ACCUMULATE"] is True and signature["GBUFS"] == ("*fp32",)
 
 
 def test_memo_skips_tracing_but_sees_replaced_tensors():

@@ -22,9 +22,7 @@ from ...scores import ScoreMod
 from . import codegen, ladder
 from .block_mask import BlockMask, build_block_mask
 from .kernels import (
-    MAX_BUFFERS,
     PREPROCESS_CONFIG,
-    buffer_slots,
     dkdv_launch,
     dq_launch,
     fwd_launch,
@@ -83,12 +81,15 @@ def _q_lists(block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
             block_mask.full_q_indices)
 
 
-def _slots(generated: codegen.Generated, buffers: list[torch.Tensor] | None, device) -> list[torch.Tensor]:
-    """BUF0..BUF3: ``buffers`` (the captured tensors, e.g. passed through an op boundary) or the traced ones."""
+def _captured(generated: codegen.Generated, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The kernels' ``BUFS``: ``buffers`` (the captured tensors, e.g. passed through an op boundary) or the traced
+    ones; as many as the mods capture."""
     if buffers is None:
-        return buffer_slots(generated, device)
-    filler = torch.zeros(1, dtype=torch.int32, device=device)
-    return [*buffers, *([filler] * (MAX_BUFFERS - len(buffers)))]
+        return list(generated.buffers)
+    if len(buffers) != len(generated.buffers):
+        raise ValueError(f"buffers: the kernel {generated.short_key} reads {len(generated.buffers)} captured "
+                         f"tensor(s), got {len(buffers)}")
+    return list(buffers)
 
 
 def flex_forward(q, k, v, generated: codegen.Generated, block_mask: BlockMask, scale: float,
@@ -98,12 +99,12 @@ def flex_forward(q, k, v, generated: codegen.Generated, block_mask: BlockMask, s
     ``generated`` may come from ``codegen.generated_by_key(key)``; ``buffers`` then carries the captured
     tensors (same shapes, dtypes and strides as when the kernel was generated).
     """
-    slots = _slots(generated, buffers, q.device)
+    buffers = _captured(generated, buffers)
 
     def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
         out = _out_like(q, v.shape[-1], q.dtype)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        launch = fwd_launch(q, k, v, out, lse, slots, _kv_lists(block_mask), scale, generated, config, True)
+        launch = fwd_launch(q, k, v, out, lse, buffers, _kv_lists(block_mask), scale, generated, config, True)
         launch.run(config, _vendor(q.device))
         return out, lse
 
@@ -117,20 +118,16 @@ def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, b
     vendor = _vendor(q.device)
     delta = torch.empty_like(lse)
     preprocess_launch(out, dout, dlse, delta).run(PREPROCESS_CONFIG, vendor)
-    buffers = _slots(generated, buffers, q.device)
+    buffers = _captured(generated, buffers)
 
     def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, _q_lists(block_mask), scale, generated,
                     config).run(config, vendor)
-        grads = [torch.zeros(generated.buffers[s].shape, dtype=torch.float32, device=q.device)
-                 for s in generated.grad_slots]
-        slots = [torch.zeros(1, dtype=torch.float32, device=q.device)] * MAX_BUFFERS
-        for slot, grad in zip(generated.grad_slots, grads):
-            slots[slot] = grad
-        dq_launch(q, k, v, dout, lse, delta, dq, buffers, slots, _kv_lists(block_mask), scale, generated, config,
+        grads = [torch.zeros(buffers[s].shape, dtype=torch.float32, device=q.device) for s in generated.grad_slots]
+        dq_launch(q, k, v, dout, lse, delta, dq, buffers, grads, _kv_lists(block_mask), scale, generated, config,
                   bool(grads)).run(config, vendor)
-        return (dq, dk, dv, *(g.to(generated.buffers[s].dtype) for s, g in zip(generated.grad_slots, grads)))
+        return (dq, dk, dv, *(g.to(buffers[s].dtype) for s, g in zip(generated.grad_slots, grads)))
 
     return ladder.run("bwd", config, block_mask, ladder.launch_problem(q, v, generated), q.device, attempt)
 

@@ -9,9 +9,12 @@ from the same trace by the reverse-mode rules in ``_GRAD_RULES``.
 The generated module defines ``score_mod``, ``score_mod_bwd`` and ``mask_mod`` with fixed signatures
 that the kernels in ``kernels.py`` receive as ``tl.constexpr`` arguments:
 
-- ``score_mod(score, b, h, q_idx, kv_idx, buf0, buf1, buf2, buf3) -> score``
-- ``score_mod_bwd(score, b, h, q_idx, kv_idx, grad, valid, buf0..3, gbuf0..3, ACCUMULATE) -> d_score``
-- ``mask_mod(b, h, q_idx, kv_idx, buf0, buf1, buf2, buf3) -> bool``
+- ``score_mod(score, b, h, q_idx, kv_idx, bufs) -> score``
+- ``score_mod_bwd(score, b, h, q_idx, kv_idx, grad, valid, bufs, gbufs, ACCUMULATE) -> d_score``
+- ``mask_mod(b, h, q_idx, kv_idx, bufs) -> bool``
+
+``bufs`` is the tuple of the captured tensors (``Generated.buffers``, any number of them) and ``gbufs`` that of
+the fp32 gradient buffers of ``Generated.grad_slots``; the kernels pass both through as tuple arguments.
 
 Modules are written as real files under ``cache_root()/kernels/`` (``@triton.jit`` reads source with
 ``inspect``) and cached in memory and on disk by a hash of the traced graphs, so a second process only
@@ -40,9 +43,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ...paths import cache_root
 from . import emit
-from .emit import CODEGEN_VERSION, MAX_BUFFERS, Unsupported, buffer_slot, emit_module
+from .emit import CODEGEN_VERSION, Unsupported, buffer_slot, emit_module
 
-__all__ = ["Generated", "generate", "generated_by_key", "unsupported_reason", "MAX_BUFFERS", "CODEGEN_VERSION"]
+__all__ = ["Generated", "generate", "generated_by_key", "unsupported_reason", "CODEGEN_VERSION"]
 
 _TRACE_LEN = 4
 # The generator's own source (tracing and emission) is part of the key, so editing it never reuses a stale file.
@@ -62,8 +65,9 @@ class Traced:
 class Generated:
     """Generated Triton functions for one (score_mod, mask_mod) pair and the tensors they read.
 
-    ``key`` names the kernel (hash of the traced graphs); ``buffers`` fill the kernels' BUF0..BUF3
-    slots; ``grad_slots`` are the slots whose tensors get gradients (atomically reduced in fp32).
+    ``key`` names the kernel (hash of the traced graphs); ``buffers`` are the kernels' ``BUFS`` tuple, one
+    entry per captured tensor; ``grad_slots`` are the slots whose tensors get gradients (atomically reduced in
+    fp32, in the ``GBUFS`` tuple).
     """
 
     key: str
@@ -191,10 +195,6 @@ def _load_or_emit(key: str, score: Traced | None, mask: Traced | None,
 
 
 def _check_buffers(buffers: list[torch.Tensor]) -> None:
-    if len(buffers) > MAX_BUFFERS:
-        raise Unsupported(
-            f"the mods capture {len(buffers)} tensors; the Triton flex kernel passes at most {MAX_BUFFERS}"
-        )
     for t in buffers:
         if t.is_complex():
             raise Unsupported(f"a captured tensor has complex dtype {t.dtype}, which the kernel cannot load")

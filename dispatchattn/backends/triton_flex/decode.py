@@ -37,7 +37,6 @@ import triton
 from ...autotune_cache.config import TileConfig
 from ...masks import MaskMod
 from .block_mask import _cache_key, _index_lists, tile_classes
-from .codegen import MAX_BUFFERS
 from .decode_kernels import _decode_kernel, _decode_reduce_kernel
 from .kernels import (
     Launch,
@@ -45,7 +44,6 @@ from .kernels import (
     _mask_strides,
     _mod_constexprs,
     _signature,
-    buffer_slots,
     padded,
 )
 
@@ -175,7 +173,7 @@ def decode_launch(q, k, v, out_part, lse_part, buffers, lists, scale, generated,
     heads_kv, seq_kv = k.shape[1], k.shape[2]
     groups = heads // heads_kv
     block_m = block_rows(seq_q, groups, config)
-    args = [q, k, v, out_part, lse_part, *buffers, *lists, *q.stride(), *k.stride(), *v.stride(),
+    args = [q, k, v, out_part, lse_part, tuple(buffers), *lists, *q.stride(), *k.stride(), *v.stride(),
             *_mask_strides(lists[0]), lists[1].shape[-1], heads_kv, groups, seq_q, seq_kv, num_splits, float(scale)]
     constexprs = {**_head_constexprs(q, v, block_m, config.block_n), **_mod_constexprs(generated),
                   "EVEN_N": seq_kv % config.block_n == 0}
@@ -200,16 +198,18 @@ def launch_config(kernel: str, config: TileConfig) -> TileConfig:
 
 
 def decode_attention(q, k, v, generated, lists: GroupLists, scale: float, config: TileConfig, num_splits: int,
-                     vendor: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     vendor: str, buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both decoding launches over ``lists`` (``group_lists`` at ``config.block_n``): (out (B, Hq, Sq, Dv)
-    in q's dtype, lse (B, Hq, Sq) fp32 natural log).  A config that cannot launch retries with fewer stages (the
-    lists fix the tile); ``failures.LaunchFailed`` when none launches (the caller runs the forward kernel)."""
+    in q's dtype, lse (B, Hq, Sq) fp32 natural log).  ``buffers``: the captured tensors when they come from
+    elsewhere than ``generated`` (an op boundary), as ``autograd.flex_forward``.  A config that cannot launch retries
+    with fewer stages (the lists fix the tile); ``failures.LaunchFailed`` when none launches (the caller runs the
+    forward kernel)."""
     from . import ladder
-    from .autograd import _out_like
+    from .autograd import _captured, _out_like
 
+    buffers = _captured(generated, buffers)
     batch, heads, seq_q, _ = q.shape
     dim_v = v.shape[-1]
-    buffers = buffer_slots(generated, q.device)
 
     def attempt(config: TileConfig, _block_mask) -> tuple[torch.Tensor, torch.Tensor]:
         out_part = torch.empty(num_splits, batch, heads, seq_q, dim_v, dtype=torch.float32, device=q.device)
@@ -245,7 +245,7 @@ def decode_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 
 def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_dim_v: int, config: TileConfig,
               *, seq_divisible: bool = True, write_lse: bool = True, gqa: bool = False,
-              **_ignored) -> tuple[object, dict[str, str], dict]:
+              **_ignored) -> tuple[object, dict[str, str | tuple], dict]:
     """(jit_fn, signature, constexprs) of a decoding launch, as ``kernels.aot_entry``; BLOCK_M is the config's
     ``block_m`` (one decoding query of a GQA group of up to ``block_m`` heads)."""
     if kernel not in KERNELS:
@@ -261,7 +261,6 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
     num = torch.empty(1, 1, 1, dtype=torch.int32, device=meta)
     lists = (num, torch.empty(1, 1, 1, 3, dtype=torch.int32, device=meta)) * 2
     buffers = [t.to(meta) for t in generated.buffers]
-    buffers += [torch.empty(1, dtype=torch.int32, device=meta)] * (MAX_BUFFERS - len(buffers))
     if kernel == "decode":
         launch = decode_launch(q, k, v, part, rows, buffers, lists, 1.0, generated, config, 2)
     else:

@@ -21,7 +21,7 @@ def _split_share(num_ptr, split, NUM_SPLITS):
 @triton.jit
 def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                    num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, split, NUM_SPLITS, b, h, q_pos, offs_d, offs_dv,
-                   SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   SEQ_KV, sm_scale, BUFS, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BLOCK_N: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
                    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                    ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -50,7 +50,7 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
             k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         # The forward kernel's helper, with q_idx = each row's query index and h a column of q heads.
-        _, score, _ = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
+        _, score, _ = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, ONE_PASS)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
@@ -58,7 +58,7 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, OutPart, LsePart, B0, B1, B2, B3, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+    Q, K, V, OutPart, LsePart, BUFS, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, mask_stride_z, mask_stride_h, NUM_KV_TILES,
     HEADS_KV, GROUPS, SEQ_Q, SEQ_KV, NUM_SPLITS, sm_scale,
@@ -95,13 +95,13 @@ def _decode_kernel(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + lists,
         KV_IDX + lists * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + lists,
         (FULL_KV_IDX if one_pass else KV_IDX) + lists * NUM_KV_TILES, split, NUM_SPLITS, b, h, q_pos, offs_d,
-        offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD,
+        offs_dv, SEQ_KV, sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD, HAS_SCORE_MOD,
         True, True, one_pass, DOT_PRECISION)
     if not one_pass:
         acc, l_i, m_i = _decode_blocks(
             acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + lists,
             FULL_KV_IDX + lists * NUM_KV_TILES, FULL_KV_NUM + lists, FULL_KV_IDX + lists * NUM_KV_TILES, split,
-            NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+            NUM_SPLITS, b, h, q_pos, offs_d, offs_dv, SEQ_KV, sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N,
             SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

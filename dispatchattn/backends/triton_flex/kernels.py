@@ -11,9 +11,16 @@ per (kv tile, batch, kv head), looping over the q tiles of every q head of the g
 gradients of captured tensors are accumulated atomically (fp32) in the dQ pass only.
 
 The generated mods arrive as ``tl.constexpr`` arguments (``SCORE_MOD``, ``SCORE_MOD_BWD``, ``MASK_MOD``);
-see ``codegen.py``.  The launch arguments of each kernel are built by one function at the bottom
-(``fwd_launch``, ``preprocess_launch``, ``dkdv_launch``, ``dq_launch``), shared by the launchers in
-``autograd.py`` and by ``aot_entry`` for ahead-of-time compilation.
+see ``codegen.py``.  The tensors they capture arrive as one tuple argument, ``BUFS`` (in ``generated.buffers``
+order), and the fp32 gradient buffers of the captured tensors that require grad as another, ``GBUFS`` (in
+``generated.grad_slots`` order).  Triton specialises a kernel on the length and element types of a tuple
+argument, so each mod set compiles with exactly as many pointer parameters as it captures (none for the plain
+kernel) while this source stays one static file: no fixed slot count, no placeholder tensors, and the AOT checks
+compile the same functions (a tuple's signature is the tuple of its elements' types).
+
+The launch arguments of each kernel are built by one function at the bottom (``fwd_launch``,
+``preprocess_launch``, ``dkdv_launch``, ``dq_launch``), shared by the launchers in ``autograd.py`` and by
+``aot_entry`` for ahead-of-time compilation.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import triton.language as tl
 
 from ... import envs
 from ...autotune_cache.config import TileConfig
-from .codegen import MAX_BUFFERS
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -65,10 +71,9 @@ else:
 
 
 @triton.jit
-def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked,
-            SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-            APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            K_T: tl.constexpr = False):
+def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD: tl.constexpr,
+            MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
+            CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr = False):
     """(raw scaled scores, modded scores with -inf where not kept, keep) of one tile.
 
     ``masked`` is ``True`` (constexpr) except in a one-pass loop, where it says (at run time) whether the tile
@@ -82,10 +87,10 @@ def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked
     kv_idx = offs_n[None, :]
     score = raw
     if HAS_SCORE_MOD:
-        score = SCORE_MOD(raw, b, h, q_idx, kv_idx, B0, B1, B2, B3)
+        score = SCORE_MOD(raw, b, h, q_idx, kv_idx, BUFS)
     if APPLY_MASK:
         if masked:
-            keep = MASK_MOD(b, h, q_idx, kv_idx, B0, B1, B2, B3) & (kv_idx < SEQ_KV)
+            keep = MASK_MOD(b, h, q_idx, kv_idx, BUFS) & (kv_idx < SEQ_KV)
         else:
             keep = (kv_idx < SEQ_KV) & (q_idx >= 0)
     elif CHECK_BOUNDS:
@@ -152,7 +157,7 @@ def _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                 num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
-                B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                BUFS, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
                 SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
                 APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, ONE_PASS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
@@ -168,7 +173,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_v
         else:
             k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
+        _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
@@ -176,7 +181,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_v
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, B0, B1, B2, B3, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+    Q, K, V, Out, Lse, BUFS, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
     mask_stride_z, mask_stride_h, NUM_KV_TILES, GROUPS, SEQ_Q, SEQ_KV, sm_scale,
@@ -203,13 +208,13 @@ def _fwd_kernel(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + row,
         KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
         (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV,
-        sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
+        sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
         HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION, one_pass)
     if not one_pass:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, FULL_KV_NUM + row,
             FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m,
-            offs_d, offs_dv, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
+            offs_d, offs_dv, SEQ_KV, sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, MASK_MOD,
             HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION, False)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -251,12 +256,12 @@ def _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q):
 
 
 @triton.jit
-def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-               G0, G1, G2, G3, masked, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, GBUFS, masked,
+               SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr = False):
     """(P, dS w.r.t. the raw scaled score) of one tile, recomputed from the saved lse."""
-    raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3, masked, SCORE_MOD,
+    raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                                MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
     p = tl.exp2(score * LOG2E - lse2[:, None])
     if K_T:
@@ -265,8 +270,7 @@ def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SCORE_MOD:
-        ds = SCORE_MOD_BWD(raw, b, h, offs_m[:, None], offs_n[None, :], ds, keep, B0, B1, B2, B3,
-                           G0, G1, G2, G3, ACCUMULATE)
+        ds = SCORE_MOD_BWD(raw, b, h, offs_m[:, None], offs_n[None, :], ds, keep, BUFS, GBUFS, ACCUMULATE)
     ds = tl.where(keep, ds, 0.0)
     return p, ds
 
@@ -274,7 +278,7 @@ def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV,
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom,
                  stride_dod, num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_n, offs_d, offs_dv, SEQ_Q,
-                 SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 SEQ_KV, sm_scale, BUFS, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_M: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                  HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                  ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
@@ -288,8 +292,9 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm,
         q = _load_rows(Q_head, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
         do = _load_rows(DO_head, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q, HEAD_DIM_V)
         lse2, delta = _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q)
-        p, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                           B0, B1, B2, B3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+        # no gradient buffers here (ACCUMULATE is False): BUFS fills the slot
+        p, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, BUFS, masked,
+                           SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                            CHECK_BOUNDS, False, DOT_PRECISION, K_T)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -298,7 +303,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, B0, B1, B2, B3, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+    Q, K, V, DO, Lse, Delta, DK, DV, BUFS, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd, stride_dvz, stride_dvh, stride_dvn, stride_dvd,
@@ -336,13 +341,13 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
             Q_NUM + row, Q_IDX + row * NUM_Q_TILES, (FULL_Q_NUM if one_pass else Q_NUM) + row,
             (FULL_Q_IDX if one_pass else Q_IDX) + row * NUM_Q_TILES, b, h,
-            offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+            offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
             SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass, DOT_PRECISION, one_pass)
         if not one_pass:
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm, stride_qd, stride_dom, stride_dod,
                 FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES, FULL_Q_NUM + row, FULL_Q_IDX + row * NUM_Q_TILES,
-                b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, B0, B1, B2, B3, HEAD_DIM, HEAD_DIM_V,
+                b, h, offs_n, offs_d, offs_dv, SEQ_Q, SEQ_KV, sm_scale, BUFS, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_M, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, DOT_PRECISION,
                 False)
     dk = dk * sm_scale
@@ -356,7 +361,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
-               B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BUFS, GBUFS, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_N: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                ONE_PASS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr):
@@ -371,15 +376,15 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, str
         if K_T:
             kt = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
             vt = _load_cols(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-            _, ds = _grad_tile(q, kt, vt, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                               G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+            _, ds = _grad_tile(q, kt, vt, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, GBUFS,
+                               masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                                CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION, True)
             k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         else:
             k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
             v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-            _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, B0, B1, B2, B3,
-                               G0, G1, G2, G3, masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
+            _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, GBUFS,
+                               masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                                CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -387,7 +392,7 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, str
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, B0, B1, B2, B3, G0, G1, G2, G3, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+    Q, K, V, DO, Lse, Delta, DQ, BUFS, GBUFS, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
@@ -419,14 +424,14 @@ def _bwd_dq_kernel(
     dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                     KV_NUM + row, KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
                     (FULL_KV_IDX if one_pass else KV_IDX) + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv,
-                    SEQ_KV, sm_scale, B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
+                    SEQ_KV, sm_scale, BUFS, GBUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD,
                     SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, True, True, one_pass,
                     ACCUMULATE, DOT_PRECISION, k_t)
     if not one_pass:
         dq = _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                         FULL_KV_NUM + row, FULL_KV_IDX + row * NUM_KV_TILES, FULL_KV_NUM + row,
                         FULL_KV_IDX + row * NUM_KV_TILES, b, h, offs_m, offs_d, offs_dv, SEQ_KV, sm_scale,
-                        B0, B1, B2, B3, G0, G1, G2, G3, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD,
+                        BUFS, GBUFS, HEAD_DIM, HEAD_DIM_V, BLOCK_N, SCORE_MOD, SCORE_MOD_BWD,
                         MASK_MOD, HAS_SCORE_MOD, False, not EVEN_N, False, ACCUMULATE, DOT_PRECISION, False)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -493,7 +498,7 @@ def fwd_launch(q, k, v, out, lse, buffers, lists, scale, generated, config: Tile
     """``lists`` = (kv_num, kv_idx, full_kv_num, full_kv_idx) of the block mask at the config's tiles."""
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
-    args = [q, k, v, out, lse, *buffers, *lists, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+    args = [q, k, v, out, lse, tuple(buffers), *lists, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *_mask_strides(lists[0]), lists[1].shape[-1], heads // k.shape[1], seq_q, seq_kv, float(scale)]
     constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
                   "EVEN_N": seq_kv % config.block_n == 0, "WRITE_LSE": write_lse}
@@ -517,7 +522,7 @@ def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, q_lists, scale, gene
     """``q_lists`` = (q_num, q_idx, full_q_num, full_q_idx) of the block mask at the config's tiles."""
     batch, heads, seq_q, _ = q.shape
     heads_kv, seq_kv = k.shape[1], k.shape[2]
-    args = [q, k, v, dout, lse, delta, dk, dv, *buffers, *q_lists, *q.stride(), *k.stride(), *v.stride(),
+    args = [q, k, v, dout, lse, delta, dk, dv, tuple(buffers), *q_lists, *q.stride(), *k.stride(), *v.stride(),
             *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(q_lists[0]), q_lists[1].shape[-1],
             heads, heads // heads_kv, seq_q, seq_kv, float(scale)]
     constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
@@ -529,7 +534,7 @@ def dq_launch(q, k, v, dout, lse, delta, dq, buffers, grad_buffers, kv_lists, sc
               accumulate: bool) -> Launch:
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
-    args = [q, k, v, dout, lse, delta, dq, *buffers, *grad_buffers, *kv_lists, *q.stride(), *k.stride(),
+    args = [q, k, v, dout, lse, delta, dq, tuple(buffers), tuple(grad_buffers), *kv_lists, *q.stride(), *k.stride(),
             *v.stride(), *dout.stride(), *dq.stride(), *_mask_strides(kv_lists[0]), kv_lists[1].shape[-1],
             heads // k.shape[1], seq_q, seq_kv, float(scale)]
     constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
@@ -538,10 +543,6 @@ def dq_launch(q, k, v, dout, lse, delta, dq, buffers, grad_buffers, kv_lists, sc
     return Launch("bwd_dq", args, constexprs, (triton.cdiv(seq_q, config.block_m), batch, heads))
 
 
-def buffer_slots(generated, device: torch.device) -> list[torch.Tensor]:
-    """The BUF0..BUF3 arguments: the captured tensors, then 1-element placeholders."""
-    filler = torch.zeros(1, dtype=torch.int32, device=device)
-    return [*generated.buffers, *([filler] * (MAX_BUFFERS - len(generated.buffers)))]
 
 
 _SIGNATURE_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
@@ -549,21 +550,27 @@ _SIGNATURE_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float
                     torch.uint8: "*u8", torch.bool: "*i1"}
 
 
-def _signature(launch: Launch) -> dict[str, str]:
+def _type_of(value) -> str | tuple:
+    """Triton's signature type of a launch argument: a tuple argument (``BUFS``) is the tuple of its types."""
+    if isinstance(value, tuple):
+        return tuple(_type_of(item) for item in value)
+    if isinstance(value, torch.Tensor):
+        return _SIGNATURE_TYPES[value.dtype]
+    return "fp32" if isinstance(value, float) else "i32"
+
+
+def _signature(launch: Launch) -> dict[str, str | tuple]:
     names = [n for n in launch.jit_fn.arg_names if n not in launch.constexprs]
     signature = {}
     for name, value in zip(names, launch.args):
-        if isinstance(value, torch.Tensor):
-            signature[name] = _SIGNATURE_TYPES[value.dtype]
-        else:
-            signature[name] = "fp32" if isinstance(value, float) else "i32"
+        signature[name] = _type_of(value)
     signature.update({name: "constexpr" for name in launch.constexprs})
     return {name: signature[name] for name in launch.jit_fn.arg_names}
 
 
 def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_dim_v: int, config: TileConfig,
               *, seq_divisible: bool = True, write_lse: bool = True, accumulate: bool | None = None,
-              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str], dict]:
+              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str | tuple], dict]:
     """(jit_fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs), target)``.
 
     ``kernel`` is a key of ``KERNELS``; ``generated`` comes from ``codegen.generate(score_mod, mask_mod)``
@@ -584,8 +591,7 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
     num = torch.empty(1, 1, 3, dtype=torch.int32, device=meta)
     lists = (num, torch.empty(1, 1, 3, 3, dtype=torch.int32, device=meta)) * 2
     buffers = [t.to(meta) for t in generated.buffers]
-    buffers += [torch.empty(1, dtype=torch.int32, device=meta)] * (MAX_BUFFERS - len(buffers))
-    grads = [torch.empty(1, dtype=torch.float32, device=meta)] * MAX_BUFFERS
+    grads = [torch.empty(generated.buffers[s].shape, dtype=torch.float32, device=meta) for s in generated.grad_slots]
     accumulate = bool(generated.grad_slots) if accumulate is None else accumulate
     launch = {
         "fwd": lambda: fwd_launch(q, k, v, out, rows, buffers, lists, 1.0, generated, config, write_lse),

@@ -4,16 +4,21 @@ Eager calls use ``autograd.triton_flex_attention`` directly (a custom op costs s
 compiled graphs call these ops, which dynamo and AOTAutograd treat as opaque kernels with a fake
 (shape-only) implementation and a registered backward.  Callables cannot cross an op boundary, so the
 generated mods travel as their kernel key (``codegen.generated_by_key``) and the block-sparse structure as
-its index tensors.  Tile configs travel as lists of ints (``TileConfig`` fields in order).
+its index tensors.  Tile configs travel as lists of ints (``TileConfig`` fields in order).  The tensors the mods
+capture travel as ``buffers`` (a ``Tensor[]``, ``Generated.buffers`` order, any number: the kernels take them as
+one tuple argument), so their values are the call's, never the ones seen when the kernel was generated.
 
-- ``dispatchattn::triton_flex_fwd(q, k, v, kv_lists, kernel_key, scale, config) -> (out, lse)``
-- ``dispatchattn::triton_flex_bwd(q, k, v, out, lse, dout, q_lists, kv_lists, kernel_key, scale, config)
-  -> (dq, dk, dv)``
-- ``dispatchattn::triton_flex_decode(q, k, v, group_lists, kernel_key, scale, config, num_splits) -> (out, lse)``:
-  the split-KV decoding kernels (``decode.py``) for calls with few query rows and no gradient (no autograd
-  formula: a call that needs one is planned on the forward op instead).
+- ``dispatchattn::triton_flex_fwd(q, k, v, buffers, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config)
+  -> (out, lse)``, differentiable in q, k, v and the buffers of ``Generated.grad_slots``
+- ``dispatchattn::triton_flex_bwd(q, k, v, out, lse, dout, dlse, buffers, bwd_lists, kernel_key, scale, config)
+  -> (dq, dk, dv, buffer_grads)`` (``buffer_grads``: one per grad slot)
+- ``dispatchattn::triton_flex_decode(q, k, v, buffers, group_lists, kernel_key, scale, config, num_splits)
+  -> (out, lse)``: the split-KV decoding kernels (``decode.py``) for calls with few query rows and no gradient
+  (no autograd formula: a call that needs one is planned on the forward op instead).
 
-Only mods that capture no tensors are supported here (their kernel is a pure function of the key).
+``plan`` still refuses mods that capture tensors: it generates the kernel at trace time from the structural
+twins of the mods (``compiled._rebuild_mod``), whose stand-in tensors have neither the values nor the strides
+of the caller's.
 """
 
 from __future__ import annotations
@@ -50,27 +55,25 @@ def _block_mask(q: torch.Tensor, k: torch.Tensor, config: TileConfig, kv_lists, 
 def _generated(kernel_key: str):
     from . import codegen
 
-    generated = codegen.generated_by_key(kernel_key)
-    if generated.buffers:
-        raise ValueError("dispatchattn::triton_flex ops run only mods that capture no tensors")
-    return generated
+    return codegen.generated_by_key(kernel_key)
 
 
 @torch.library.custom_op("dispatchattn::triton_flex_fwd", mutates_args=())
-def triton_flex_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lists: list[torch.Tensor],
-                    bwd_lists: list[torch.Tensor], kernel_key: str, scale: float, config: list[int],
-                    bwd_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_flex_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor],
+                    kv_lists: list[torch.Tensor], bwd_lists: list[torch.Tensor], kernel_key: str, scale: float,
+                    config: list[int], bwd_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``kv_lists`` at ``config``'s tiles; ``bwd_lists`` (kv then q lists at ``bwd_config``'s tiles)
     and ``bwd_config`` are only kept for the backward."""
     from .autograd import flex_forward
 
     tile = TileConfig(*config)
-    out, lse = flex_forward(q, k, v, _generated(kernel_key), _block_mask(q, k, tile, kv_lists), scale, tile)
+    out, lse = flex_forward(q, k, v, _generated(kernel_key), _block_mask(q, k, tile, kv_lists), scale, tile,
+                            buffers)
     return out.contiguous(), lse
 
 
 @triton_flex_fwd.register_fake
-def _(q, k, v, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config):
+def _(q, k, v, buffers, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config):
     batch, heads, seq_q, _ = q.shape
     out = q.new_empty(batch, heads, seq_q, v.shape[-1])
     return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
@@ -78,60 +81,68 @@ def _(q, k, v, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config):
 
 @torch.library.custom_op("dispatchattn::triton_flex_bwd", mutates_args=())
 def triton_flex_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                    dout: torch.Tensor, dlse: torch.Tensor | None, bwd_lists: list[torch.Tensor], kernel_key: str,
-                    scale: float, config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv; ``bwd_lists`` = kv lists then q lists of the block mask at ``config``'s tiles."""
+                    dout: torch.Tensor, dlse: torch.Tensor | None, buffers: list[torch.Tensor],
+                    bwd_lists: list[torch.Tensor], kernel_key: str, scale: float,
+                    config: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """dq, dk, dv and the gradients of the buffers in ``Generated.grad_slots`` (in that order); ``bwd_lists`` =
+    kv lists then q lists of the block mask at ``config``'s tiles."""
     from .autograd import flex_backward
 
     tile = TileConfig(*config)
     block_mask = _block_mask(q, k, tile, bwd_lists[:4], bwd_lists[4:])
     dlse = dlse.contiguous() if dlse is not None else None  # the preprocess kernel reads it as (B, H, S) dense
-    dq, dk, dv = flex_backward(q, k, v, out, lse, dout.contiguous(), dlse, _generated(kernel_key), block_mask,
-                               scale, tile)
-    return dq, dk, dv
+    dq, dk, dv, *buffer_grads = flex_backward(q, k, v, out, lse, dout.contiguous(), dlse, _generated(kernel_key),
+                                              block_mask, scale, tile, buffers)
+    return dq, dk, dv, buffer_grads
 
 
 @triton_flex_bwd.register_fake
-def _(q, k, v, out, lse, dout, dlse, bwd_lists, kernel_key, scale, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(q, k, v, out, lse, dout, dlse, buffers, bwd_lists, kernel_key, scale, config):
+    grad_slots = _generated(kernel_key).grad_slots
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(buffers[s])
+                                                                           for s in grad_slots]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config = inputs
+    q, k, v, buffers, kv_lists, bwd_lists, kernel_key, scale, config, bwd_config = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *bwd_lists)
-    ctx.kernel_key, ctx.scale, ctx.bwd_config = kernel_key, scale, bwd_config
+    ctx.save_for_backward(q, k, v, out, lse, *buffers, *bwd_lists)
+    ctx.buffer_count, ctx.kernel_key, ctx.scale, ctx.bwd_config = len(buffers), kernel_key, scale, bwd_config
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *bwd_lists = ctx.saved_tensors
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    buffers, bwd_lists = rest[:ctx.buffer_count], rest[ctx.buffer_count:]
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = triton_flex_bwd(q, k, v, out, lse, dout, dlse, bwd_lists, ctx.kernel_key, ctx.scale,
-                                 ctx.bwd_config)
+    dq, dk, dv, buffer_grads = triton_flex_bwd(q, k, v, out, lse, dout, dlse, buffers, bwd_lists, ctx.kernel_key,
+                                               ctx.scale, ctx.bwd_config)
+    grads = [None] * len(buffers)  # a gradient for the buffers of the grad slots, None for the others
+    for slot, grad in zip(_generated(ctx.kernel_key).grad_slots, buffer_grads):
+        grads[slot] = grad
     no_grads = [None] * len(bwd_lists)  # the index lists: same structure as the inputs, no gradient
-    return dq, dk, dv, no_grads[:4], no_grads, None, None, None, None
+    return dq, dk, dv, grads, no_grads[:4], no_grads, None, None, None, None
 
 
 triton_flex_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("dispatchattn::triton_flex_decode", mutates_args=())
-def triton_flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_lists: list[torch.Tensor],
-                       kernel_key: str, scale: float, config: list[int],
+def triton_flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor],
+                       group_lists: list[torch.Tensor], kernel_key: str, scale: float, config: list[int],
                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding kernels: ``group_lists`` = ``decode.GroupLists`` fields at ``config``'s BLOCK_N."""
     from .autograd import _vendor
     from .decode import GroupLists, decode_attention
 
     out, lse = decode_attention(q, k, v, _generated(kernel_key), GroupLists(*group_lists), scale, TileConfig(*config),
-                                num_splits, _vendor(q.device))
+                                num_splits, _vendor(q.device), buffers)
     return out.contiguous(), lse
 
 
 @triton_flex_decode.register_fake
-def _(q, k, v, group_lists, kernel_key, scale, config, num_splits):
+def _(q, k, v, buffers, group_lists, kernel_key, scale, config, num_splits):
     batch, heads, seq_q, _ = q.shape
     out = q.new_empty(batch, heads, seq_q, v.shape[-1])
     return out, q.new_empty(batch, heads, seq_q, dtype=torch.float32)
@@ -147,7 +158,7 @@ class Plan:
     def run(self, call, spec, config=None):
         """``Backend.run``'s contract, through the ops (traced by dynamo)."""
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
-        out, lse = triton_flex_fwd(q, k, v, self.kv_lists, self.bwd_lists, self.kernel_key, call.scale,
+        out, lse = triton_flex_fwd(q, k, v, [], self.kv_lists, self.bwd_lists, self.kernel_key, call.scale,
                                    self.config, self.bwd_config)
         return call.from_bhsd(out), (lse if call.return_lse else None)
 
@@ -161,7 +172,7 @@ class DecodePlan:
 
     def run(self, call, spec, config=None):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
-        out, lse = triton_flex_decode(q, k, v, self.group_lists, self.kernel_key, call.scale, self.config,
+        out, lse = triton_flex_decode(q, k, v, [], self.group_lists, self.kernel_key, call.scale, self.config,
                                       self.num_splits)
         return call.from_bhsd(out), (lse if call.return_lse else None)
 
