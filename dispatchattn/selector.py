@@ -147,6 +147,14 @@ class Decision:
 
 _GPU_FIXED_FIRST = ("flash", "sdpa", "xformers", "triton_flex", "torch_flex", "reference")
 _GPU_FLEX_FIRST = ("flash", "xformers", "triton_flex", "torch_flex", "sdpa", "reference")
+#: Measured on an H200 (bf16, S 2k-8k, docs/performance.md): torch_flex's backward took 0.46-0.92x the time of
+#: triton_flex's on every masked or scored case (forward within 0.97x median), so training calls take torch_flex.
+_GPU_FLEX_TRAINING = ("flash", "xformers", "torch_flex", "triton_flex", "sdpa", "reference")
+#: Same run, decoding (Sq=1, KV 16384, GQA 4, D=128, ALiBi): SDPA with the bias materialised 0.142 ms, the triton_flex
+#: decoding kernel 0.307 ms: SDPA first where it can take the mods as a small dense mask or bias.
+_GPU_DECODE_SDPA_FIRST = ("flash", "sdpa", "xformers", "triton_flex", "torch_flex", "reference")
+#: Query rows up to which a call is decoding (the split-KV kernels' range).
+DECODE_MAX_SEQ_Q = 16
 _CPU_SDPA_FIRST = ("sdpa", "reference", "torch_flex", "triton_flex", "flash", "xformers")
 _CPU_FLEX_FIRST = ("torch_flex", "sdpa", "reference", "triton_flex", "flash", "xformers")
 #: On CPU, compiled FlexAttention repays its first compile (~7-13 s) only on large problems whose mask SDPA must
@@ -160,6 +168,18 @@ def priority(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, ...], st
     """The default priority order for this problem on this device, and the sentence that justifies it."""
     masked = spec.mask is not None or spec.score is not None
     if caps.is_gpu:
+        if masked and (spec.requires_grad or spec.mods_need_grad):
+            return _GPU_FLEX_TRAINING, (
+                "mask/score mods on a GPU, with gradients: fixed-function kernels when they compute exactly this, "
+                "else FlexAttention, whose backward measured 1.1-2.2x faster than the triton_flex backward on an "
+                "H200, then triton_flex, then SDPA with a dense mask"
+            )
+        if masked and spec.seq_q <= DECODE_MAX_SEQ_Q:
+            return _GPU_DECODE_SDPA_FIRST, (
+                f"decoding ({spec.seq_q} query rows) with mask/score mods on a GPU: memory-bound, and SDPA with the "
+                "mods as a small dense mask/bias read the KV cache 2.2x faster than the triton_flex decoding kernel "
+                "on an H200; then the flex kernels"
+            )
         if masked:
             return _GPU_FLEX_FIRST, (
                 "mask/score mods on a GPU: fixed-function kernels when they compute exactly this, else the fused "
