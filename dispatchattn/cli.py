@@ -1,4 +1,4 @@
-"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | aot | bench | tune."""
+"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | aot | bench | tune | selftest."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ DTYPES = {
 _EXTERNAL = {
     "aot": ("dispatchattn.backends.triton_flex.aot", "add_aot_parser", "run_aot"),
     "tune": ("dispatchattn.autotune_cache.cli", "add_tune_parser", "run_tune"),
+    "selftest": ("dispatchattn.tools.selftest", "add_selftest_parser", "run_selftest"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Offline tools run from the command line (``python -m dispatchattn ...``); the runtime never imports them."""
