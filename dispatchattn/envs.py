@@ -97,11 +97,6 @@ def parse_backend_list(raw: str) -> tuple[str, ...] | None:
     return names or None
 
 
-def backend_allowlist() -> tuple[str, ...] | None:
-    """``DISPATCHATTN_BACKEND=triton_flex,sdpa`` -> ("triton_flex", "sdpa"); unset -> None."""
-    return parse_backend_list(backend_raw())
-
-
 def cache_dir() -> str | None:
     return os.environ.get(CACHE_DIR) or None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MaskMod", "causal", "sliding_window", "prefix_lm", "document", "full"]
+__all__ = ["MaskMod", "causal", "sliding_window", "prefix_lm", "document", "full", "both", "from_dense"]
 
 
 def _tile_bounds(block: int, seq: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +86,6 @@ def _as_mask(other) -> MaskMod:
             "wrap an arbitrary function with a lambda combining both instead"
         )
     return other
-
-
-class _Lengths(MaskMod):
-    """Masks whose definition uses only index arithmetic and the problem's lengths."""
-
-    def _pairs(self, q: torch.Tensor, kv: torch.Tensor, seq_q: int, seq_kv: int) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class Full(MaskMod):
@@ -337,3 +330,93 @@ def prefix_lm(prefix_len: int) -> MaskMod:
 def document(document_ids: torch.Tensor) -> MaskMod:
     """Packed sequences: attend only within the same document id.  ``document_ids`` is (Sk,) or (B, Sk)."""
     return Document(document_ids)
+
+
+class _Pair:
+    """Two mods applied together, hashable by its parts (caches keyed on a mod stay warm across calls)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __eq__(self, other):
+        return type(self) is type(other) and (self.first, self.second) == (other.first, other.second)
+
+    def __hash__(self):
+        return hash((type(self), self.first, self.second))
+
+
+class BothMasks(_Pair):
+    """Keys that both mask_mods keep."""
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.first(b, h, q_idx, kv_idx) & self.second(b, h, q_idx, kv_idx)
+
+
+class ChainedScores(_Pair):
+    """``second(first(score))``: two score_mods one after the other."""
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.second(self.first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+
+def both(first, second):
+    """One mask_mod keeping what ``first`` and ``second`` both keep (either may be None).  Two ``da.masks`` objects
+    combine with ``&``, which keeps their structure (block sparsity stays analytic); anything else pairs up."""
+    if first is None or second is None:
+        return first if second is None else second
+    if isinstance(first, MaskMod) and isinstance(second, MaskMod):
+        return first & second
+    return BothMasks(first, second)
+
+
+def chain(first, second):
+    """One score_mod applying ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first if second is None else second
+    return ChainedScores(first, second)
+
+
+class _DenseLookup:
+    """An SDPA ``attn_mask`` read by index (broadcast dims at index 0); equal when it reads the same tensor."""
+
+    def __init__(self, attn_mask: torch.Tensor):
+        self.attn_mask = attn_mask
+        self.mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+    def at(self, b, h, q_idx, kv_idx):
+        index = [i if size > 1 else i * 0 for i, size in zip((b, h, q_idx, kv_idx), self.mask4.shape)]
+        return self.mask4[index[0], index[1], index[2], index[3]]
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.attn_mask is other.attn_mask
+
+    def __hash__(self):
+        return id(self.attn_mask)
+
+
+class DenseMask(_DenseLookup):
+    """A boolean ``attn_mask`` (True = attend) as a mask_mod."""
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.at(b, h, q_idx, kv_idx)
+
+
+class DenseBias(_DenseLookup):
+    """An additive float ``attn_mask`` as a score_mod."""
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return score + self.at(b, h, q_idx, kv_idx).to(score.dtype)
+
+
+def from_dense(attn_mask: torch.Tensor) -> tuple[DenseMask | None, DenseBias | None]:
+    """An SDPA ``attn_mask`` as FlexAttention mods: ``(mask_mod, None)`` for a boolean mask, ``(None, score_mod)``
+    for an additive float one.  For the flex kernels, which take mods rather than a dense mask.
+
+    >>> import torch
+    >>> mask_mod, score_mod = from_dense(torch.ones(4, 4, dtype=torch.bool).tril())
+    >>> bool(mask_mod(0, 0, torch.tensor(1), torch.tensor(2))), score_mod
+    (False, None)
+    """
+    if attn_mask.dtype == torch.bool:
+        return DenseMask(attn_mask), None
+    return None, DenseBias(attn_mask)

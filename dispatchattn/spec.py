@@ -52,17 +52,6 @@ class AttentionSpec:
     def structured_score(self) -> ScoreMod | None:
         return self.score if isinstance(self.score, ScoreMod) else None
 
-    @property
-    def has_opaque_mods(self) -> bool:
-        """A user function (not a ``da.masks`` / ``da.scores`` object) is involved."""
-        return (self.mask is not None and self.structured_mask is None) or (
-            self.score is not None and self.structured_score is None
-        )
-
-    @property
-    def has_mods(self) -> bool:
-        return self.mask is not None or self.score is not None
-
     def summary(self) -> str:
         """One line: shapes, dtype, device, mask/score structure, flags."""
         parts = [

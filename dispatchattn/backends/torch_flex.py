@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import torch
 
+from .. import masks
 from ..masks import Causal, Document, MaskMod
 from .base import AttentionCall, Backend, Reason
 
@@ -40,10 +41,10 @@ def _compiled_flex_attention():
 
 def _mask_batch_heads(mask, spec) -> tuple[int | None, int | None]:
     """B and H the block mask must be built for (None = broadcast: the mask ignores that index)."""
-    if isinstance(mask, _Both):
+    if isinstance(mask, masks.BothMasks):
         (b1, h1), (b2, h2) = _mask_batch_heads(mask.first, spec), _mask_batch_heads(mask.second, spec)
         return b1 or b2, h1 or h2
-    if isinstance(mask, _DenseMask):
+    if isinstance(mask, masks.DenseMask):
         b, h = mask.mask4.shape[:2]
         return (spec.batch if b > 1 else None), (spec.heads_q if h > 1 else None)
     if not isinstance(mask, MaskMod):
@@ -70,63 +71,6 @@ def _block_mask(mask_mod, spec, device):
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
     return block_mask
-
-
-class _DenseMask:
-    """A dense SDPA-style mask as a mod that indexes it (broadcast dims are read at index 0)."""
-
-    def __init__(self, attn_mask: torch.Tensor):
-        self.attn_mask = attn_mask
-        self.mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-
-    def _at(self, b, h, q_idx, kv_idx):
-        idx = [i if size > 1 else i * 0 for i, size in zip((b, h, q_idx, kv_idx), self.mask4.shape)]
-        return self.mask4[idx[0], idx[1], idx[2], idx[3]]
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.attn_mask is other.attn_mask
-
-    def __hash__(self):
-        return id(self.attn_mask)
-
-
-class _DenseBoolMask(_DenseMask):
-    def __call__(self, b, h, q_idx, kv_idx):
-        return self._at(b, h, q_idx, kv_idx)
-
-
-class _DenseBias(_DenseMask):
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        return score + self._at(b, h, q_idx, kv_idx).to(score.dtype)
-
-
-class _Both:
-    """Two mods applied together (hashable by its parts, so caches keyed on it stay warm)."""
-
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __eq__(self, other):
-        return type(self) is type(other) and (self.first, self.second) == (other.first, other.second)
-
-    def __hash__(self):
-        return hash((type(self), self.first, self.second))
-
-
-class _BothMasks(_Both):
-    def __call__(self, b, h, q_idx, kv_idx):
-        return self.first(b, h, q_idx, kv_idx) & self.second(b, h, q_idx, kv_idx)
-
-
-class _BothScores(_Both):
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        return self.second(self.first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
-
-
-def _combine(first, second, is_score: bool = False):
-    if first is None or second is None:
-        return first if second is None else second
-    return (_BothScores if is_score else _BothMasks)(first, second)
 
 
 class TorchFlexBackend(Backend):
@@ -173,12 +117,10 @@ class TorchFlexBackend(Backend):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         mask_mod, score_mod = call.mask_mod, call.score_mod
         if call.is_causal:
-            mask_mod = _combine(mask_mod, Causal())
+            mask_mod = masks.both(mask_mod, Causal())
         if call.attn_mask is not None:
-            if call.attn_mask.dtype == torch.bool:
-                mask_mod = _combine(mask_mod, _DenseBoolMask(call.attn_mask))
-            else:
-                score_mod = _combine(score_mod, _DenseBias(call.attn_mask), is_score=True)
+            dense_mask, dense_score = masks.from_dense(call.attn_mask)
+            mask_mod, score_mod = masks.both(mask_mod, dense_mask), masks.chain(score_mod, dense_score)
         block_mask = _block_mask(mask_mod, spec, q.device) if mask_mod is not None else None
         run = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
         result = run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=call.scale,

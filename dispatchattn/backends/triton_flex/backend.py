@@ -14,40 +14,12 @@ from collections.abc import Callable
 import torch
 
 from ...capabilities import DeviceCaps, probe
-from ...masks import Causal, MaskMod
+from ...masks import Causal, MaskMod, both, chain, from_dense
 from ...spec import AttentionSpec
 from ..base import AttentionCall, Backend, Reason
 
 MIN_HEAD_DIM = 16  # tl.dot's smallest inner dimension; smaller dims are FlexAttention's limit too
 MAX_HEAD_DIM_TRITON_FLEX = 256  # one padded head-dim tile per program; 512 spills registers on every arch
-
-
-def _dense_mask_mods(attn_mask) -> tuple[Callable | None, Callable | None]:
-    """An SDPA ``attn_mask`` as (mask_mod, score_mod) indexing it; broadcast dims are read at index 0."""
-    mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    b_one, h_one, q_one, k_one = (size == 1 for size in mask4.shape)
-
-    def at(b, h, q_idx, kv_idx):
-        return mask4[b * 0 if b_one else b, h * 0 if h_one else h, q_idx * 0 if q_one else q_idx,
-                     kv_idx * 0 if k_one else kv_idx]
-
-    if attn_mask.dtype.is_floating_point:
-        return None, lambda score, b, h, q_idx, kv_idx: score + at(b, h, q_idx, kv_idx)
-    return (lambda b, h, q_idx, kv_idx: at(b, h, q_idx, kv_idx)), None
-
-
-def _and(first, second):
-    if first is None or second is None:
-        return first if second is None else second
-    if isinstance(first, MaskMod) and isinstance(second, MaskMod):
-        return first & second  # keeps the structure: block sparsity stays analytic
-    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
-
-
-def _then(first, second):
-    if first is None or second is None:
-        return first if second is None else second
-    return lambda score, b, h, q_idx, kv_idx: second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
 
 
 def _device(spec: AttentionSpec) -> str:
@@ -88,17 +60,17 @@ def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
 
 def spec_mask(spec: AttentionSpec) -> Callable | None:
     """The mask_mod of ``spec`` with ``is_causal`` folded in (the dense ``attn_mask`` is not: it is tensor data)."""
-    return _and(spec.mask, Causal()) if spec.is_causal else spec.mask
+    return both(spec.mask, Causal()) if spec.is_causal else spec.mask
 
 
 def call_mods(call: AttentionCall) -> tuple[Callable | None, Callable | None]:
     """(score_mod, mask_mod) of a call with ``is_causal`` and ``attn_mask`` folded in."""
     score_mod, mask_mod = call.score_mod, call.mask_mod
     if call.is_causal:
-        mask_mod = _and(mask_mod, Causal())
+        mask_mod = both(mask_mod, Causal())
     if call.attn_mask is not None:
-        dense_mask, dense_score = _dense_mask_mods(call.attn_mask)
-        mask_mod, score_mod = _and(mask_mod, dense_mask), _then(score_mod, dense_score)
+        dense_mask, dense_score = from_dense(call.attn_mask)
+        mask_mod, score_mod = both(mask_mod, dense_mask), chain(score_mod, dense_score)
     return score_mod, mask_mod
 
 

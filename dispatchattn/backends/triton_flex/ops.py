@@ -182,15 +182,15 @@ def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConf
     """The trace-time plan for ``spec`` (mods bound to the lengths): the decoding op when ``backend.decoding``
     says so (``fwd_config`` is then the decoding config), else the forward op.  Raises ValueError when the ops
     cannot run it: a dense ``attn_mask`` or mods that capture tensors (their values may change between calls)."""
-    from ...masks import Causal
+    from ...masks import Causal, both
     from . import codegen
-    from .backend import _and, decoding
+    from .backend import decoding
     from .block_mask import build_block_mask
 
     if spec.attn_mask is not None:
         raise ValueError("a dense attn_mask would be a captured tensor of the generated kernel")
     if spec.is_causal:
-        mask_mod = _and(mask_mod, Causal())
+        mask_mod = both(mask_mod, Causal())
     generated = codegen.generate(score_mod, mask_mod, device)
     if generated.buffers:
         raise ValueError(f"the mods capture {len(generated.buffers)} tensor(s)")
