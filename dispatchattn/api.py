@@ -12,7 +12,7 @@ from . import explain as _explain
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import AttentionCall
 from .compiled import traced_attention
-from .selector import Decision, _context_policies, current_policy, select_cached
+from .selector import Decision, context_policies, current_policy, select_cached
 from .spec import AttentionSpec, build_spec
 
 # Warm-call memo: call signature (metadata only) -> (spec, decision, backend, resolved scale, the backend's
@@ -36,7 +36,7 @@ def _signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     """Everything a decision depends on, read from metadata only.  Flat and inline: this runs on every warm
     call; q/k/v are tensors or validation raises later.  The policy enters through what determines it
     (``backend=``, the innermost ``use_backends`` block, ``DISPATCHATTN_BACKEND``)."""
-    policies, override = _context_policies, capabilities._override
+    policies, override = context_policies, capabilities.pretended
     return (
         query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
         value.device, query.requires_grad, key.requires_grad, value.requires_grad,

@@ -199,7 +199,8 @@ def parse_gfx_arch(gcn_arch_name: str) -> str:
 
 
 @functools.cache
-def _probe(device_type: str, index: int | None) -> DeviceCaps:
+def probe_device(device_type: str, index: int | None) -> DeviceCaps:
+    """Caps of the real device (``pretend`` ignored), probed once per device."""
     libs = installed_libraries()
     interpret = envs.triton_interpret()
     if device_type == "cuda":
@@ -219,21 +220,22 @@ def _probe(device_type: str, index: int | None) -> DeviceCaps:
     return DeviceCaps(vendor=device_type, device_name=device_type, libraries=libs, triton_interpret=interpret)
 
 
-_override: list[DeviceCaps] = []
+#: The caps ``pretend`` installs, innermost last (read directly by the warm call and by traced code).
+pretended: list[DeviceCaps] = []
 
 
 def probe(device: torch.device) -> DeviceCaps:
     """Caps of ``device`` (probed once per device), or the caps installed by ``pretend``."""
-    if _override:
-        return _override[-1]
-    return _probe(device.type, device.index)
+    if pretended:
+        return pretended[-1]
+    return probe_device(device.type, device.index)
 
 
 @contextlib.contextmanager
 def pretend(caps: DeviceCaps) -> Iterator[DeviceCaps]:
     """Decide as if every tensor lived on ``caps``'s device (for tests and "what if" explanations)."""
-    _override.append(caps)
+    pretended.append(caps)
     try:
         yield caps
     finally:
-        _override.pop()
+        pretended.pop()

@@ -27,13 +27,13 @@ from . import capabilities, failures
 from . import explain as _explain
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import AttentionCall
-from .capabilities import _override as _caps_override  # the list itself: pushed and popped in place
+from .capabilities import pretended as _caps_override  # the list itself: pushed and popped in place
 from .envs import TRACED_ENVIRON, as_text, explain_level  # by name: reaching a module adds guards
 from .failures import GENERATION as FAILURES
 from .failures import LaunchFailed, excluded_backends
 from .masks import MaskMod
 from .scores import ScoreMod
-from .selector import Decision, Policy, UnsupportedError, _context_policies, current_policy, select_cached
+from .selector import Decision, Policy, UnsupportedError, context_policies, current_policy, select_cached
 from .spec import build_spec
 
 
@@ -221,8 +221,8 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     objects as it can: names imported directly rather than through modules, one function to make constants,
     the environment's raw bytes (decoded at trace time), SDPA called with constant arguments rather than
     through a backend's function."""
-    if backend is None and _context_policies:  # a use_backends block (maybe entered inside the region)
-        policy = ("context", _context_policies[-1].allowed, _context_policies[-1].source)
+    if backend is None and context_policies:  # a use_backends block (maybe entered inside the region)
+        policy = ("context", context_policies[-1].allowed, context_policies[-1].source)
     else:  # backend= or the environment (dynamo guards the two os.environ entries read below)
         policy = ("call", _constant(backend))
     arguments = [_constant(x) for x in (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)]

@@ -53,10 +53,10 @@ class MaskMod:
         raise NotImplementedError
 
     def __and__(self, other: MaskMod) -> MaskMod:
-        return _Combined("and", self, _as_mask(other))
+        return Combined("and", self, _as_mask(other))
 
     def __or__(self, other: MaskMod) -> MaskMod:
-        return _Combined("or", self, _as_mask(other))
+        return Combined("or", self, _as_mask(other))
 
     def __repr__(self) -> str:
         return f"da.masks.{self.__name__}"
@@ -252,7 +252,7 @@ class Document(MaskMod):
         return maybe_any[:, None], surely_full[:, None]  # (B or 1, 1, nQ, nKV)
 
 
-class _Combined(MaskMod):
+class Combined(MaskMod):
     def __init__(self, op: str, left: MaskMod, right: MaskMod):
         self.op = op
         self.left = left
@@ -278,13 +278,13 @@ class _Combined(MaskMod):
         """The leaves of a chain of the same operator: (a & b) & c -> [a, b, c]."""
         out = []
         for side in (self.left, self.right):
-            out.extend(side.parts() if isinstance(side, _Combined) and side.op == self.op else [side])
+            out.extend(side.parts() if isinstance(side, Combined) and side.op == self.op else [side])
         return out
 
     def bind(self, seq_q, seq_kv):
         if not self.needs_lengths:
             return self
-        return _Combined(self.op, self.left.bind(seq_q, seq_kv), self.right.bind(seq_q, seq_kv))
+        return Combined(self.op, self.left.bind(seq_q, seq_kv), self.right.bind(seq_q, seq_kv))
 
     def __call__(self, b, h, q_idx, kv_idx):
         a = self.left(b, h, q_idx, kv_idx)

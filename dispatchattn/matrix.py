@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from packaging.version import Version
 
-from .backends.flash import FlashBackend, _impl_reasons, _structure_reasons
-from .backends.flash import mask_plan as _mask_plan
+from .backends.flash import FlashBackend, impl_reasons, structure_reasons
 from .backends.xformers import XformersBackend, bias_kind, op_problems
 from .capabilities import ARCHS, DeviceCaps, Libraries
+from .mask_plan import mask_plan
 from .masks import causal, sliding_window
 from .scores import alibi, softcap
 from .spec import AttentionSpec
@@ -77,14 +77,14 @@ def _flash_cell(spec: AttentionSpec, caps: DeviceCaps, order: tuple[str, ...]) -
     reason codes."""
     if caps.vendor not in FlashBackend.SUPPORTED_VENDORS:
         return "no: device_unsupported"
-    plan = _mask_plan(spec)
-    codes = {r.code for r in _structure_reasons(spec, plan)}
+    plan = mask_plan(spec)
+    codes = {r.code for r in structure_reasons(spec, plan)}
     for key in () if codes else order:
         impl = FLASH_IMPLS[key]
         version = getattr(caps.libraries, impl.library)
         if version is None:
             continue
-        reasons = _impl_reasons(impl, version, spec, caps, plan)
+        reasons = impl_reasons(impl, version, spec, caps, plan)
         if not reasons:
             return key
         codes |= {r.code for r in reasons}
@@ -92,7 +92,7 @@ def _flash_cell(spec: AttentionSpec, caps: DeviceCaps, order: tuple[str, ...]) -
 
 
 def _xformers_cell(spec: AttentionSpec, caps: DeviceCaps) -> str:
-    kind, problem = bias_kind(spec, _mask_plan(spec))
+    kind, problem = bias_kind(spec, mask_plan(spec))
     if problem:
         return f"no: {problem.code}"
     for key in XFORMERS_ORDER.get(caps.vendor, ()):

@@ -42,7 +42,7 @@ class Policy:
                 raise ValueError(f"{self.source}: expected backend names from {list(BACKEND_NAMES)}, got {name!r}")
 
 
-_context_policies: list[Policy] = []
+context_policies: list[Policy] = []
 
 
 @contextlib.contextmanager
@@ -53,11 +53,11 @@ def use_backends(*names: str) -> Iterator[None]:
     >>> with da.use_backends("sdpa", "reference"):
     ...     pass
     """
-    _context_policies.append(Policy(tuple(names), "use_backends"))
+    context_policies.append(Policy(tuple(names), "use_backends"))
     try:
         yield
     finally:
-        _context_policies.pop()
+        context_policies.pop()
 
 
 def current_policy(backend: str | None = None) -> Policy:
@@ -65,8 +65,8 @@ def current_policy(backend: str | None = None) -> Policy:
     policies are built once per distinct setting."""
     if backend is not None:
         return _forced_policy(backend)
-    if _context_policies:
-        return _context_policies[-1]
+    if context_policies:
+        return context_policies[-1]
     raw = envs.backend_raw()
     return _env_policy(raw) if raw else _DEFAULT_POLICY
 

@@ -189,12 +189,12 @@ def _check_numbers(dropout_p, scale) -> None:
 
 
 def _check_structures(mask, score, b: int, hq: int, sq: int, sk: int, device: torch.device) -> None:
-    from .masks import Document, _Combined
+    from .masks import Combined, Document
     from .scores import Alibi, RelativeBias
 
-    leaves = mask.parts() if isinstance(mask, _Combined) else [mask]
+    leaves = mask.parts() if isinstance(mask, Combined) else [mask]
     for leaf in leaves:
-        if isinstance(leaf, _Combined):
+        if isinstance(leaf, Combined):
             _check_structures(leaf, None, b, hq, sq, sk, device)
         if not isinstance(leaf, Document):
             continue

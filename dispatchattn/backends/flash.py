@@ -20,7 +20,6 @@ autograd.Function gives its lse none; the ops' backward adds the exact lse term)
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -28,64 +27,11 @@ from packaging.version import Version
 
 from .. import envs
 from ..capabilities import DeviceCaps, probe
-from ..masks import Causal, Document, Full, MaskMod, PrefixLM, SlidingWindow, _Combined
+from ..mask_plan import MaskPlan, document_runs, mask_plan
 from ..scores import Alibi, Softcap
 from ..spec import AttentionSpec
 from ..vendor_tables import FLASH_DETERMINISTIC_MAX_HEAD_DIM, FLASH_HEAD_DIM_RULES, FLASH_IMPLS, FLASH_ORDER, FlashImpl
 from .base import AttentionCall, Backend, Reason
-
-
-@dataclass(frozen=True)
-class MaskPlan:
-    """A structured mask as a band ``lo <= kv_idx - q_idx <= hi`` (None: unbounded) within documents."""
-
-    lo: int | None = None
-    hi: int | None = None
-    document: Document | None = None
-    problem: str | None = None  # why the mask has no band form
-
-    def empty_rows(self, seq_q: int, seq_kv: int, device) -> torch.Tensor | None:
-        """Bool (Sq,) of query rows that attend no key, or None when there are none (documents always
-        contain their own diagonal, so only the plain band can empty a row)."""
-        if self.document is not None:
-            return None
-        first_empty = self.hi is not None and self.hi < 0
-        last_empty = self.lo is not None and seq_q - 1 + self.lo > seq_kv - 1
-        if not (first_empty or last_empty):
-            return None
-        i = torch.arange(seq_q, device=device)
-        start = (i + self.lo).clamp(min=0) if self.lo is not None else torch.zeros_like(i)
-        stop = (i + self.hi).clamp(max=seq_kv - 1) if self.hi is not None else torch.full_like(i, seq_kv - 1)
-        return start > stop
-
-
-def mask_plan(spec: AttentionSpec) -> MaskPlan:
-    """The band and document of ``spec``'s mask (``is_causal`` included), or the reason it has none."""
-    lo, hi, doc = None, (0 if spec.is_causal else None), None
-    mask = spec.mask
-    if mask is None:
-        return MaskPlan(lo, hi)
-    if not isinstance(mask, MaskMod):
-        return MaskPlan(problem="opaque")
-    if isinstance(mask, _Combined) and mask.op != "and":
-        return MaskPlan(problem=f"the union mask {mask.__name__} is not a band")
-    for part in mask.parts() if isinstance(mask, _Combined) else [mask]:
-        part = part.bind(spec.seq_q, spec.seq_kv)
-        if isinstance(part, Full):
-            continue
-        if isinstance(part, Causal):
-            hi = part.offset if hi is None else min(hi, part.offset)
-        elif isinstance(part, SlidingWindow):
-            lo = -part.left if lo is None else max(lo, -part.left)
-            hi = part.right if hi is None else min(hi, part.right)
-        elif isinstance(part, Document) and doc is None:
-            doc = part
-        elif isinstance(part, PrefixLM):
-            return MaskPlan(problem=f"{part.__name__} (bidirectional prefix, causal after) is not a band")
-        else:
-            return MaskPlan(problem=f"{part.__name__} has no band form")
-    return MaskPlan(lo, hi, doc)
-
 
 _CHOICES: dict[tuple, tuple[FlashImpl, Version, MaskPlan]] = {}
 
@@ -135,12 +81,12 @@ class FlashBackend(Backend):
             return [Reason("not_installed", "flash-attn is not installed (pip install 'dispatchattn[flash]'; "
                            "FA3: the flash-attn-3 package, FA4: flash-attn-4)")]
         plan = mask_plan(spec)
-        shared = _structure_reasons(spec, plan)
+        shared = structure_reasons(spec, plan)
         if shared:
             return shared
         all_reasons: list[Reason] = []
         for impl, version in candidates:
-            reasons = _impl_reasons(impl, version, spec, caps, plan)
+            reasons = impl_reasons(impl, version, spec, caps, plan)
             if not reasons:
                 return []
             all_reasons.extend(reasons)
@@ -158,9 +104,9 @@ class FlashBackend(Backend):
         if hit is not None:
             return hit
         plan = mask_plan(spec)
-        if not _structure_reasons(spec, plan):
+        if not structure_reasons(spec, plan):
             for impl, version in self._candidates(caps):
-                if not _impl_reasons(impl, version, spec, caps, plan):
+                if not impl_reasons(impl, version, spec, caps, plan):
                     if not skip_memo:
                         if len(_CHOICES) >= 256:
                             _CHOICES.clear()
@@ -225,7 +171,7 @@ class FlashBackend(Backend):
         return (out if call.layout == "bshd" else out.transpose(1, 2)), lse
 
 
-def _structure_reasons(spec: AttentionSpec, plan: MaskPlan) -> list[Reason]:
+def structure_reasons(spec: AttentionSpec, plan: MaskPlan) -> list[Reason]:
     """Reasons shared by every entry point: what the mask/score/attn_mask mean vs what flash computes."""
     reasons = []
     if spec.attn_mask is not None:
@@ -279,7 +225,7 @@ def _needs(impl: FlashImpl, version: Version, feature: str, what: str, label: st
     return []
 
 
-def _impl_reasons(impl: FlashImpl, version: Version, spec: AttentionSpec, caps: DeviceCaps,
+def impl_reasons(impl: FlashImpl, version: Version, spec: AttentionSpec, caps: DeviceCaps,
                   plan: MaskPlan) -> list[Reason]:
     label = f"flash-attn {_fmt(version)} {impl.label}"
     if version < Version(impl.min_version):
@@ -387,32 +333,6 @@ def _call(impl: FlashImpl, fn: str, args: tuple, kwargs: dict, want_lse: bool):
     if isinstance(result, (tuple, list)):
         return result[0], (result[1] if len(result) > 1 else None)
     return result, None
-
-
-def document_runs(document_ids: torch.Tensor, batch: int, seq: int, permute_ok: bool):
-    """Run boundaries of packed documents: (int32 cu_seqlens over batch*seq tokens, max run length,
-    gather order or None).  Ids of one document split into several runs are gathered into one run (a
-    stable sort) when ``permute_ok``; otherwise a ValueError says what to do."""
-    ids = document_ids.reshape(-1, seq).expand(batch, seq)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    order = None
-    sorted_ids = ids.sort(dim=1, stable=True)
-    distinct = (sorted_ids.values[:, 1:] != sorted_ids.values[:, :-1]).sum(1) + 1
-    if bool((starts.sum(1) != distinct).any()):
-        if not permute_ok:
-            raise ValueError(
-                "document_ids: a document id appears in separate runs, and the mask also depends on positions "
-                "(window or alibi), so flash-attn varlen cannot compute it exactly; give each document one "
-                "contiguous run (e.g. ids = (boundaries).cumsum(-1)) or force backend='triton_flex'")
-        ids = sorted_ids.values
-        order = (sorted_ids.indices + torch.arange(batch, device=ids.device)[:, None] * seq).reshape(-1)
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    flat = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    total = torch.tensor([batch * seq], device=flat.device)
-    cu = torch.cat([flat, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max()), order
 
 
 def _run_varlen(impl, q, k, v, plan: MaskPlan, kwargs: dict, want_lse: bool):

@@ -1,6 +1,6 @@
 """xFormers ``memory_efficient_attention`` with the ``attn_bias`` class that means exactly our mask.
 
-Translation (band ``q_idx + lo <= kv_idx <= q_idx + hi`` from ``flash.mask_plan``; ``d = Sk - Sq``):
+Translation (band ``q_idx + lo <= kv_idx <= q_idx + hi`` from ``mask_plan.mask_plan``; ``d = Sk - Sq``):
 - top-left causal -> ``LowerTriangularMask`` (xFormers' is top-left; its flash ops take it only when
   Sq == Sk, its cutlass/ck ops for any shape);
 - bottom-right causal -> ``LowerTriangularFromBottomRightMask``; causal window of ``w`` keys ->
@@ -24,12 +24,12 @@ from typing import Any, ClassVar
 import torch
 
 from .. import envs
-from ..capabilities import DeviceCaps, _probe
+from ..capabilities import DeviceCaps, probe_device
+from ..mask_plan import MaskPlan, document_runs, mask_plan
 from ..scores import Alibi, RelativeBias, Softcap
 from ..spec import AttentionSpec
 from ..vendor_tables import XFORMERS_OPS, XFORMERS_ORDER, XformersOp, xformers_op_runs_on
 from .base import AttentionCall, Backend, Reason
-from .flash import MaskPlan, document_runs, mask_plan
 
 _TENSOR = "Tensor"
 
@@ -223,7 +223,7 @@ def _on_real_device(caps: DeviceCaps) -> bool:
     """True when ``caps`` describe this machine's current GPU (not a device we only pretend to be on)."""
     if not caps.is_gpu or not torch.cuda.is_available():
         return False
-    return caps == _probe("cuda", torch.cuda.current_device())
+    return caps == probe_device("cuda", torch.cuda.current_device())
 
 
 def library_reasons(spec: AttentionSpec, bias: str, device: torch.device) -> list[Reason] | None:

@@ -32,7 +32,7 @@ from .kernels import (
 __all__ = ["triton_flex_attention", "flex_forward", "flex_backward", "heuristic_config", "generated_for"]
 
 
-def _vendor(device: torch.device) -> str:
+def vendor_of(device: torch.device) -> str:
     if device.type == "cuda":
         return "rocm" if torch.version.hip is not None else "cuda"
     return device.type
@@ -63,7 +63,7 @@ def heuristic_config(kernel: str, head_dim: int, dtype: torch.dtype, vendor: str
     return TileConfig(64, 32, num_warps=4, num_stages=stages)
 
 
-def _out_like(q: torch.Tensor, dim_v: int, dtype: torch.dtype) -> torch.Tensor:
+def out_like(q: torch.Tensor, dim_v: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, Hq, Sq, Dv) output in q's layout family: a (B, Sq, Hq, Dv) buffer when q is a bshd view."""
     batch, heads, seq, _ = q.shape
     if q.stride(1) < q.stride(2) and heads > 1 and seq > 1:
@@ -81,7 +81,7 @@ def _q_lists(block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
             block_mask.full_q_indices)
 
 
-def _captured(generated: codegen.Generated, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
+def captured_buffers(generated: codegen.Generated, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """The kernels' ``BUFS``: ``buffers`` (the captured tensors, e.g. passed through an op boundary) or the traced
     ones; as many as the mods capture."""
     if buffers is None:
@@ -99,13 +99,13 @@ def flex_forward(q, k, v, generated: codegen.Generated, block_mask: BlockMask, s
     ``generated`` may come from ``codegen.generated_by_key(key)``; ``buffers`` then carries the captured
     tensors (same shapes, dtypes and strides as when the kernel was generated).
     """
-    buffers = _captured(generated, buffers)
+    buffers = captured_buffers(generated, buffers)
 
     def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
-        out = _out_like(q, v.shape[-1], q.dtype)
+        out = out_like(q, v.shape[-1], q.dtype)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         launch = fwd_launch(q, k, v, out, lse, buffers, _kv_lists(block_mask), scale, generated, config, True)
-        launch.run(config, _vendor(q.device))
+        launch.run(config, vendor_of(q.device))
         return out, lse
 
     return ladder.run("fwd", config, block_mask, ladder.launch_problem(q, v, generated), q.device, attempt)
@@ -115,10 +115,10 @@ def flex_backward(q, k, v, out, lse, dout, dlse, generated: codegen.Generated, b
                   scale: float, config: TileConfig,
                   buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, *grads of the captured tensors in ``generated.grad_slots``); ``dlse`` may be None."""
-    vendor = _vendor(q.device)
+    vendor = vendor_of(q.device)
     delta = torch.empty_like(lse)
     preprocess_launch(out, dout, dlse, delta).run(PREPROCESS_CONFIG, vendor)
-    buffers = _captured(generated, buffers)
+    buffers = captured_buffers(generated, buffers)
 
     def attempt(config: TileConfig, block_mask: BlockMask) -> tuple[torch.Tensor, ...]:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -207,7 +207,7 @@ def triton_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     grad_tensors, failure)`` computes the gradients (another backend), else ``failures.LaunchFailed`` is raised.
     """
     score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
-    vendor = _vendor(q.device)
+    vendor = vendor_of(q.device)
     fwd_config = fwd_config or heuristic_config("fwd", q.shape[-1], q.dtype, vendor)
     bwd_config = bwd_config or heuristic_config("bwd", q.shape[-1], q.dtype, vendor)
     grad_tensors = [generated.buffers[s] for s in generated.grad_slots]

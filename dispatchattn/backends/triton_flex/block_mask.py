@@ -133,7 +133,7 @@ def tile_classes(mask_mod: Callable | None, batch: int, heads: int, seq_q: int, 
         return ones, torch.zeros_like(ones)
 
 
-def _index_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def index_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the count of selected columns and their indices first, ascending."""
     num = selected.sum(-1, dtype=torch.int32)
     order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
@@ -143,7 +143,7 @@ def _index_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _cache: OrderedDict[tuple, tuple[Callable | None, BlockMask]] = OrderedDict()
 
 
-def _cache_key(mask_mod, *shape) -> tuple | None:
+def cache_key(mask_mod, *shape) -> tuple | None:
     if mask_mod is None or isinstance(mask_mod, MaskMod):
         return (mask_mod, *shape)
     return (id(mask_mod), *shape)  # opaque callables: the entry holds the function, so its id stays unique
@@ -152,7 +152,7 @@ def _cache_key(mask_mod, *shape) -> tuple | None:
 def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q: int, seq_kv: int,
                      block_m: int, block_n: int, device: torch.device | str = "cpu") -> BlockMask:
     """The block-sparse lists of ``mask_mod`` for this problem shape and tile size (cached)."""
-    key = _cache_key(mask_mod, batch, heads, seq_q, seq_kv, block_m, block_n, str(device))
+    key = cache_key(mask_mod, batch, heads, seq_q, seq_kv, block_m, block_n, str(device))
     hit = _cache.get(key)
     if hit is not None and (hit[0] is mask_mod or isinstance(mask_mod, MaskMod)):
         _cache.move_to_end(key)
@@ -160,10 +160,10 @@ def build_block_mask(mask_mod: Callable | None, *, batch: int, heads: int, seq_q
     maybe_any, surely_full = tile_classes(mask_mod, batch, heads, seq_q, seq_kv, block_m, block_n, device)
     full = surely_full & maybe_any
     partial = maybe_any & ~full
-    kv_num, kv_idx = _index_lists(partial)
-    full_kv_num, full_kv_idx = _index_lists(full)
-    q_num, q_idx = _index_lists(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = _index_lists(full.transpose(-1, -2))
+    kv_num, kv_idx = index_lists(partial)
+    full_kv_num, full_kv_idx = index_lists(full)
+    q_num, q_idx = index_lists(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = index_lists(full.transpose(-1, -2))
     block_mask = BlockMask(
         block_m, block_n, seq_q, seq_kv, kv_num, kv_idx, full_kv_num, full_kv_idx,
         q_num, q_idx, full_q_num, full_q_idx,
@@ -201,10 +201,10 @@ def refine(block_mask: BlockMask, block_m: int, block_n: int) -> BlockMask:
 
     partial = finer(dense(block_mask.kv_num_blocks, block_mask.kv_indices))
     full = finer(dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
-    kv_num, kv_idx = _index_lists(partial)
-    full_kv_num, full_kv_idx = _index_lists(full)
-    q_num, q_idx = _index_lists(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = _index_lists(full.transpose(-1, -2))
+    kv_num, kv_idx = index_lists(partial)
+    full_kv_num, full_kv_idx = index_lists(full)
+    q_num, q_idx = index_lists(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = index_lists(full.transpose(-1, -2))
     return BlockMask(block_m, block_n, block_mask.seq_q, block_mask.seq_kv, kv_num, kv_idx, full_kv_num, full_kv_idx,
                      q_num, q_idx, full_q_num, full_q_idx, fraction_computed=block_mask.fraction_computed,
                      fraction_partial=float(partial.float().mean()))

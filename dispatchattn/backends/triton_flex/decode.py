@@ -6,12 +6,12 @@ query rows of one kv head as the M dimension of ``tl.dot`` (padded to at least 1
 matrix-instruction minimum given by the config's ``block_m``), so GQA decoding uses the tensor cores and reads
 each K/V tile once per group; the kv tiles of one (batch, kv head) are spread over ``num_splits`` programs.
 
-- ``_decode_kernel``: grid (B * Hkv, num_splits, row tiles); online softmax in fp32 over the split's share of
+- ``decode_kernel``: grid (B * Hkv, num_splits, row tiles); online softmax in fp32 over the split's share of
   the partial kv tiles (score_mod + mask_mod) then of the full ones (score_mod only), applying the same
-  generated mods through the forward kernel's ``kernels._scores``, with ``h`` the q head of each row and ``q_idx``
+  generated mods through the forward kernel's ``kernels.score_tile``, with ``h`` the q head of each row and ``q_idx``
   the query's own index 0..Sq-1 (FlexAttention semantics, exactly as the forward kernel passes it); writes a
   normalised partial output and its log2-domain lse per split to fp32 scratch.
-- ``_decode_reduce_kernel``: merges the splits into ``out`` (input dtype) and ``lse`` (fp32, natural log);
+- ``decode_reduce_kernel``: merges the splits into ``out`` (input dtype) and ``lse`` (fp32, natural log);
   rows no split saw a key of get ``out = 0`` and ``lse = -inf``.
 
 Block sparsity: the block mask of the whole Sq (one q tile) is reduced over the q heads of each GQA group (a kv
@@ -36,8 +36,8 @@ import triton
 
 from ...autotune_cache.config import TileConfig
 from ...masks import MaskMod
-from .block_mask import _cache_key, _index_lists, tile_classes
-from .decode_kernels import _decode_kernel, _decode_reduce_kernel
+from .block_mask import cache_key, index_lists, tile_classes
+from .decode_kernels import decode_kernel, decode_reduce_kernel
 from .kernels import (
     Launch,
     _head_constexprs,
@@ -79,7 +79,7 @@ KERNELS: dict[str, str] = {
               "row tiles)",
     "decode_reduce": "decoding: merge the splits into out and lse, grid (cdiv(B * Hq * Sq, BLOCK_R))",
 }
-_JIT = {"decode": _decode_kernel, "decode_reduce": _decode_reduce_kernel}
+_JIT = {"decode": decode_kernel, "decode_reduce": decode_reduce_kernel}
 REDUCE_ROWS = 16
 
 
@@ -144,7 +144,7 @@ def group_lists(mask_mod, *, batch: int, heads_q: int, heads_kv: int, seq_q: int
                 device) -> GroupLists:
     """The kv tiles each GQA group computes: partial where any q head of the group may keep a key and not all
     of them keep every key, full where every head keeps every key of the tile (cached per mask and shape)."""
-    key = _cache_key(mask_mod, "decode", batch, heads_q, heads_kv, seq_q, seq_kv, block_n, str(device))
+    key = cache_key(mask_mod, "decode", batch, heads_q, heads_kv, seq_q, seq_kv, block_n, str(device))
     hit = _lists_cache.get(key)
     if hit is not None and (hit[0] is mask_mod or isinstance(mask_mod, MaskMod)):
         _lists_cache.move_to_end(key)
@@ -157,8 +157,8 @@ def group_lists(mask_mod, *, batch: int, heads_q: int, heads_kv: int, seq_q: int
         full = full.reshape(bm, heads_kv, -1, n_q, n_kv).all(2)
     full = full & maybe_any
     partial = maybe_any & ~full
-    kv_num, kv_idx = _index_lists(partial.contiguous())
-    full_num, full_idx = _index_lists(full.contiguous())
+    kv_num, kv_idx = index_lists(partial.contiguous())
+    full_num, full_idx = index_lists(full.contiguous())
     lists = GroupLists(kv_num, kv_idx, full_num, full_idx)
     _lists_cache[key] = (mask_mod, lists)
     if len(_lists_cache) > _CACHE_SIZE:
@@ -205,9 +205,9 @@ def decode_attention(q, k, v, generated, lists: GroupLists, scale: float, config
     with fewer stages (the lists fix the tile); ``failures.LaunchFailed`` when none launches (the caller runs the
     forward kernel)."""
     from . import ladder
-    from .autograd import _captured, _out_like
+    from .autograd import captured_buffers, out_like
 
-    buffers = _captured(generated, buffers)
+    buffers = captured_buffers(generated, buffers)
     batch, heads, seq_q, _ = q.shape
     dim_v = v.shape[-1]
 
@@ -216,7 +216,7 @@ def decode_attention(q, k, v, generated, lists: GroupLists, scale: float, config
         lse_part = torch.empty(num_splits, batch, heads, seq_q, dtype=torch.float32, device=q.device)
         decode_launch(q, k, v, out_part, lse_part, buffers, lists.as_tuple(), scale, generated, config,
                       num_splits).run(config, vendor)
-        out = _out_like(q, dim_v, q.dtype)
+        out = out_like(q, dim_v, q.dtype)
         lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
         reduce_launch(out_part, lse_part, out, lse, num_splits).run(launch_config("decode_reduce", config), vendor)
         return out, lse
@@ -232,14 +232,14 @@ def decode_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                           num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``autograd.triton_flex_attention``'s contract (no gradient) on the decoding kernels: ``num_splits`` by
     ``decoding_plan`` unless given."""
-    from .autograd import _vendor, prepare_mods
+    from .autograd import prepare_mods, vendor_of
 
     score_mod, mask_mod, generated = prepare_mods(q, k, v, score_mod, mask_mod)
     if num_splits is None:
         num_splits = decoding_plan(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], config, caps)[2]
     lists = group_lists(mask_mod, batch=q.shape[0], heads_q=q.shape[1], heads_kv=k.shape[1], seq_q=q.shape[2],
                         seq_kv=k.shape[2], block_n=config.block_n, device=q.device)
-    out, lse = decode_attention(q, k, v, generated, lists, scale, config, num_splits, _vendor(q.device))
+    out, lse = decode_attention(q, k, v, generated, lists, scale, config, num_splits, vendor_of(q.device))
     return out, (lse if return_lse else None)
 
 

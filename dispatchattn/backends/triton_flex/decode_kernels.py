@@ -6,7 +6,7 @@ Kept apart from the launch code (as ``kernels.py`` is from ``autograd.py``): thi
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETED, LN2, _load_cols, _load_rows, _one_pass, _online_softmax_step, _scores
+from .kernels import INTERPRETED, LN2, load_cols, load_rows, one_pass_target, online_softmax_step, score_tile
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
                    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                    ONE_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over this split's contiguous share of the kv tiles listed at ``idx_ptr``, then, if
-    ``ONE_PASS`` (RDNA3, as ``kernels._one_pass``), in the same loop over its share of those at ``full_idx_ptr``."""
+    ``ONE_PASS`` (RDNA3, as ``kernels.one_pass``), in the same loop over its share of those at ``full_idx_ptr``."""
     if ONE_PASS:
         first, num_masked = _split_share(num_ptr, split, NUM_SPLITS)
         full_first, num_full = _split_share(full_num_ptr, split, NUM_SPLITS)
@@ -45,19 +45,19 @@ def _decode_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, strid
             kv_tile = tl.load(idx_ptr + i)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         if ONE_PASS:  # RDNA3: K through transposed pointers, no tl.trans in registers (as kernels._fwd_blocks)
-            k = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            k = load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         else:
-            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-        v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+            k = load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        v = load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
         # The forward kernel's helper, with q_idx = each row's query index and h a column of q heads.
-        _, score, _ = _scores(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
+        _, score, _ = score_tile(q, k, sm_scale, b, h, q_pos, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, ONE_PASS)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _decode_kernel(
+def decode_kernel(
     Q, K, V, OutPart, LsePart, BUFS, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, mask_stride_z, mask_stride_h, NUM_KV_TILES,
@@ -90,7 +90,7 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     lists = b * mask_stride_z + h_kv * mask_stride_h
     h = h_row[:, None]
-    one_pass: tl.constexpr = _one_pass()
+    one_pass: tl.constexpr = one_pass_target()
     acc, l_i, m_i = _decode_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + lists,
         KV_IDX + lists * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + lists,
@@ -115,7 +115,7 @@ def _decode_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(OutPart, LsePart, Out, Lse, stride_oz, stride_oh, stride_om, stride_od,
+def decode_reduce_kernel(OutPart, LsePart, Out, Lse, stride_oz, stride_oh, stride_om, stride_od,
                           HEADS_Q, SEQ_Q, ROWS, NUM_SPLITS, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
                           BLOCK_R: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Merge the splits of ``BLOCK_R`` rows (row = (b * Hq + h) * Sq + q) into out and lse (natural log)."""

@@ -38,18 +38,18 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Triton's CPU interpreter has no bf16 arithmetic (numpy): there, tiles are widened to fp32 on load.
 INTERPRETED = tl.constexpr(envs.triton_interpret())
-#: Tests set this to force ``_one_pass()`` under the interpreter (None: decided by the compile target).
+#: Tests set this to force ``one_pass_target()`` under the interpreter (None: decided by the compile target).
 FORCE_ONE_PASS: bool | None = None
 
 if INTERPRETED:
 
-    def _one_pass():
+    def one_pass_target():
         return tl.constexpr(bool(FORCE_ONE_PASS))
 
 else:
 
     @tl.core.builtin
-    def _one_pass(_semantic=None):
+    def one_pass_target(_semantic=None):
         """Compile-time: walk the masked and the full tile lists in one loop (RDNA3 targets) instead of two.
 
         RDNA3 (gfx11, wave32, 256 VGPRs) WMMA needs each operand replicated in both half-waves, so the
@@ -58,10 +58,10 @@ else:
         with a uniform branch for the mask fits.  NVIDIA (sm_80 spills, sm_90 +19..35 registers) and CDNA keep
         two loops.  Read from the compile options, so ``triton.compile(..., target=gfx1100)`` AOT sees it too.
 
-        The same switch loads K (and in the backward V) through transposed pointers (``_load_cols``, the ``K_T``
+        The same switch loads K (and in the backward V) through transposed pointers (``load_cols``, the ``K_T``
         flags) instead of ``tl.trans`` of a row tile in registers: on gfx1100 that takes dQ at D=128 from 34
         spilled VGPRs (16x16 w8) to none (239 VGPRs), and with the one-pass decoding loop the decoding kernel
-        fits at D=128 and D=256.  Callers bind it as ``one_pass: tl.constexpr = _one_pass()``: a plain assignment
+        fits at D=128 and D=256.  Callers bind it as ``one_pass: tl.constexpr = one_pass_target()``: a plain assignment
         turns the constexpr into a runtime i1 (Triton 3.9), so both branches were type-checked and merely folded.
         """
         arch = getattr(getattr(_semantic.builder, "options", None), "arch", None)
@@ -71,7 +71,7 @@ else:
 
 
 @triton.jit
-def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD: tl.constexpr,
+def score_tile(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD: tl.constexpr,
             MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
             CHECK_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr = False):
     """(raw scaled scores, modded scores with -inf where not kept, keep) of one tile.
@@ -102,7 +102,7 @@ def _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MO
 
 
 @triton.jit
-def _load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
+def load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
     mask = (offs[:, None] < ROWS) & (offs_d[None, :] < DIM)
     tile = tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
     if INTERPRETED:
@@ -111,7 +111,7 @@ def _load_rows(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
 
 
 @triton.jit
-def _load_cols(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
+def load_cols(base, offs, stride_row, offs_d, stride_d, ROWS, DIM):
     """The transposed tile (DIM x rows) loaded through transposed pointers (no ``tl.trans`` in registers)."""
     mask = (offs[None, :] < ROWS) & (offs_d[:, None] < DIM)
     tile = tl.load(base + offs[None, :] * stride_row + offs_d[:, None] * stride_d, mask=mask, other=0.0)
@@ -141,7 +141,7 @@ def _num_tiles(num_ptr, full_num_ptr, ONE_PASS: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION: tl.constexpr):
+def online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION: tl.constexpr):
     """One kv tile of the online softmax in base 2: rescale the running sum and output to the new row max
     (0 while a row has seen no key, so fully-masked rows stay 0), then add this tile's ``p @ v``."""
     score2 = score * LOG2E
@@ -169,13 +169,13 @@ def _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_v
         kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         if K_T:
-            k = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            k = load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         else:
-            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-        v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
-        _, score, _ = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
+            k = load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+        v = load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+        _, score, _ = score_tile(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                               MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, score, v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -196,14 +196,14 @@ def _fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
+    q = load_rows(Q + b * stride_qz + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
     K_head = K + b * stride_kz + h_kv * stride_kh
     V_head = V + b * stride_vz + h_kv * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
-    one_pass: tl.constexpr = _one_pass()
+    one_pass: tl.constexpr = one_pass_target()
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, KV_NUM + row,
         KV_IDX + row * NUM_KV_TILES, (FULL_KV_NUM if one_pass else KV_NUM) + row,
@@ -236,8 +236,8 @@ def _bwd_preprocess(Out, DOut, DLse, Delta, stride_oz, stride_oh, stride_om, str
     h = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, DV_PAD)
-    out = _load_rows(Out + b * stride_oz + h * stride_oh, offs_m, stride_om, offs_dv, stride_od, SEQ_Q, HEAD_DIM_V)
-    dout = _load_rows(DOut + b * stride_dz + h * stride_dh, offs_m, stride_dm, offs_dv, stride_dd, SEQ_Q,
+    out = load_rows(Out + b * stride_oz + h * stride_oh, offs_m, stride_om, offs_dv, stride_od, SEQ_Q, HEAD_DIM_V)
+    dout = load_rows(DOut + b * stride_dz + h * stride_dh, offs_m, stride_dm, offs_dv, stride_dd, SEQ_Q,
                       HEAD_DIM_V)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     row_ptrs = (b * tl.num_programs(2) + h) * SEQ_Q + offs_m
@@ -261,7 +261,7 @@ def _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV,
                HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_T: tl.constexpr = False):
     """(P, dS w.r.t. the raw scaled score) of one tile, recomputed from the saved lse."""
-    raw, score, keep = _scores(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
+    raw, score, keep = score_tile(q, k, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, masked, SCORE_MOD,
                                MASK_MOD, HAS_SCORE_MOD, APPLY_MASK, CHECK_BOUNDS, DOT_PRECISION, K_T)
     p = tl.exp2(score * LOG2E - lse2[:, None])
     if K_T:
@@ -289,8 +289,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse, Delta, row_base, stride_qm,
         masked = (i < num_masked) if ONE_PASS else True  # constexpr True outside a one-pass loop
         q_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_head, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
-        do = _load_rows(DO_head, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q, HEAD_DIM_V)
+        q = load_rows(Q_head, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
+        do = load_rows(DO_head, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q, HEAD_DIM_V)
         lse2, delta = _row_stats(Lse, Delta, row_base, offs_m, SEQ_Q)
         # no gradient buffers here (ACCUMULATE is False): BUFS fills the slot
         p, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, BUFS, masked,
@@ -318,16 +318,16 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    one_pass: tl.constexpr = _one_pass()
+    one_pass: tl.constexpr = one_pass_target()
     if one_pass:  # RDNA3: K and V loaded through transposed pointers, no tl.trans in registers
-        k = _load_cols(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
+        k = load_cols(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
                        HEAD_DIM)
-        v = _load_cols(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
+        v = load_cols(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
                        HEAD_DIM_V)
     else:
-        k = _load_rows(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
+        k = load_rows(K + b * stride_kz + h_kv * stride_kh, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV,
                        HEAD_DIM)
-        v = _load_rows(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
+        v = load_rows(V + b * stride_vz + h_kv * stride_vh, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV,
                        HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
@@ -374,15 +374,15 @@ def _dq_blocks(dq, q, do, lse2, delta, K_head, V_head, stride_kn, stride_kd, str
         kv_tile = _tile_at(i, masked, num_masked, idx_ptr, full_idx_ptr, ONE_PASS)
         offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         if K_T:
-            kt = _load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-            vt = _load_cols(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+            kt = load_cols(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            vt = load_cols(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
             _, ds = _grad_tile(q, kt, vt, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, GBUFS,
                                masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                                CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION, True)
-            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            k = load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
         else:
-            k = _load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
-            v = _load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
+            k = load_rows(K_head, offs_n, stride_kn, offs_d, stride_kd, SEQ_KV, HEAD_DIM)
+            v = load_rows(V_head, offs_n, stride_vn, offs_dv, stride_vd, SEQ_KV, HEAD_DIM_V)
             _, ds = _grad_tile(q, k, v, do, lse2, delta, sm_scale, b, h, offs_m, offs_n, SEQ_KV, BUFS, GBUFS,
                                masked, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, HAS_SCORE_MOD, APPLY_MASK,
                                CHECK_BOUNDS, ACCUMULATE, DOT_PRECISION)
@@ -409,15 +409,15 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
-    do = _load_rows(DO + b * stride_doz + h * stride_doh, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q,
+    q = load_rows(Q + b * stride_qz + h * stride_qh, offs_m, stride_qm, offs_d, stride_qd, SEQ_Q, HEAD_DIM)
+    do = load_rows(DO + b * stride_doz + h * stride_doh, offs_m, stride_dom, offs_dv, stride_dod, SEQ_Q,
                     HEAD_DIM_V)
     lse2, delta = _row_stats(Lse, Delta, (b * tl.num_programs(2) + h) * SEQ_Q, offs_m, SEQ_Q)
     K_head = K + b * stride_kz + h_kv * stride_kh
     V_head = V + b * stride_vz + h_kv * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     row = b * mask_stride_z + h * mask_stride_h + pid_m
-    one_pass: tl.constexpr = _one_pass()
+    one_pass: tl.constexpr = one_pass_target()
     # transposed K/V loads from D=128 on: at D=64 they cost dQ registers (gfx1100 32x16 w2: 230 -> 242, and the
     # causal variant then spills 68 B), at D=128 they save them (16x16 w8: 34 spilled VGPRs -> none)
     k_t: tl.constexpr = one_pass and D_PAD >= 128

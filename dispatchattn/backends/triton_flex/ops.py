@@ -133,11 +133,11 @@ def triton_flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffer
                        group_lists: list[torch.Tensor], kernel_key: str, scale: float, config: list[int],
                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding kernels: ``group_lists`` = ``decode.GroupLists`` fields at ``config``'s BLOCK_N."""
-    from .autograd import _vendor
+    from .autograd import vendor_of
     from .decode import GroupLists, decode_attention
 
     out, lse = decode_attention(q, k, v, _generated(kernel_key), GroupLists(*group_lists), scale, TileConfig(*config),
-                                num_splits, _vendor(q.device), buffers)
+                                num_splits, vendor_of(q.device), buffers)
     return out.contiguous(), lse
 
 
