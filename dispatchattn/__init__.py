@@ -10,7 +10,6 @@
 from . import masks, scores
 from .api import attention, explain
 from .selector import Decision, UnsupportedError, use_backends
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["attention", "explain", "masks", "scores", "use_backends", "UnsupportedError", "Decision", "__version__"]

@@ -10,6 +10,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .version import __version__
+
 DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
@@ -115,7 +117,7 @@ def cmd_info(args) -> int:
 
     device = _local_device()
     caps = capabilities.probe(device)
-    print(f"dispatchattn {__import__('dispatchattn').__version__}")
+    print(f"dispatchattn {__version__}")
     print(f"device: {caps.describe()}" + (f", {caps.total_memory / 2**30:.1f} GiB" if caps.total_memory else ""))
     if caps.arch_info:
         info = caps.arch_info

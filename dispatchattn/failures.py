@@ -125,10 +125,10 @@ def key(backend: str, kernel: str, problem: str, config: str | None = None) -> s
 
 
 def _header(caps) -> dict:
-    versions = caps.libraries.describe()
-    import dispatchattn
+    from .version import __version__
 
-    versions["dispatchattn"] = dispatchattn.__version__
+    versions = caps.libraries.describe()
+    versions["dispatchattn"] = __version__
     return {"device": {"vendor": caps.vendor, "arch": caps.arch or caps.vendor, "name": caps.device_name},
             "versions": versions}
 

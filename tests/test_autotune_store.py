@@ -126,7 +126,7 @@ def test_dispatchattn_version_change_invalidates(monkeypatch):
     problem = spec()
     store_tuned(problem)
     assert fresh_select(problem)[0] == TUNED
-    monkeypatch.setattr(dispatchattn, "__version__", "99.0.0")
+    monkeypatch.setattr(dispatchattn.version, "__version__", "99.0.0")
     config, source = fresh_select(problem)
     assert config != TUNED and source.startswith("shipped default")
     assert "dispatchattn-99.0.0" in user_cache_path(make_key("fwd", problem, H100)).name

@@ -368,7 +368,7 @@ def test_a_version_change_makes_the_records_foreign(monkeypatch, _cache_dir):
     q, k, v = _inputs(11)
     da.attention(q, k, v, mask_mod=_row_gap_mask, backend="triton_flex")
     failures.clear_memory()
-    monkeypatch.setattr(da, "__version__", "99.0")
+    monkeypatch.setattr(da.version, "__version__", "99.0")
     caps = da.capabilities.probe(q.device)
     key = next(iter(_failure_file(_cache_dir)))
     assert failures.lookup(caps, key) is None

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import dispatchattn
-
+from .. import version
 from ..capabilities import DeviceCaps
 from ..masks import Causal, Full, MaskMod
 from ..spec import AttentionSpec
@@ -128,7 +127,7 @@ def make_key(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> TuneKey:
         arch=caps.arch or caps.vendor,
         device_name=caps.device_name,
         triton=str(triton) if triton is not None else "none",
-        dispatchattn=dispatchattn.__version__,  # read per call: an upgrade in place changes the key
+        dispatchattn=version.__version__,  # read per call: an upgrade in place changes the key
         dtype=dtype_name(spec.dtype),
         head_dim=spec.head_dim,
         head_dim_v=spec.head_dim_v,

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import dispatchattn
-
+from .. import version
 from ..capabilities import AOT_TARGETS, ARCHS, installed_libraries
 from . import store
 from .config import TileConfig
@@ -202,7 +201,7 @@ def heuristic_document(target: str) -> dict:
         produced={
             "device": f"none (generated for {target}, {ARCHS[target].flagship}, without the hardware)",
             "date": datetime.date.today().isoformat(),
-            "dispatchattn": dispatchattn.__version__,
+            "dispatchattn": version.__version__,
             "triton": str(installed_libraries().triton),
             "how": "python -m dispatchattn.autotune_cache.shipped --write",
         },
