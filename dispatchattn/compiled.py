@@ -179,7 +179,7 @@ def _policy(settings: tuple) -> Policy:
 def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     """The in-house kernel runs in a graph through ``torch.ops.dispatchattn.triton_flex_*`` (see its ``ops.py``).
     When those cannot run the call, the next allowed backend is chosen, or the forced choice is refused."""
-    from .backends.triton_flex import ladder, ops
+    from .backends.triton_flex import ops
     from .backends.triton_flex.backend import decoding, spec_mask
 
     backend = get_backend("triton_flex")
@@ -192,7 +192,7 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
         fwd_config, bwd_config = decision.config, backend._config("bwd", spec, caps)[0]
         plan = ops.plan(spec, spec.score, spec.mask, fwd_config, bwd_config, device, caps)  # or ValueError
         if not decoding(spec, caps):  # a config that cannot launch here fails now, not inside the graph
-            launched = ladder.probe(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
+            launched = ops.probe_configs(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
             if launched != (fwd_config, bwd_config):
                 plan = ops.plan(spec, spec.score, spec.mask, *launched, device, caps)
         return decision, plan

@@ -43,22 +43,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ...paths import cache_root
 from . import emit
-from .emit import CODEGEN_VERSION, Unsupported, buffer_slot, emit_module
+from .emit import CODEGEN_VERSION, Traced, Unsupported, buffer_slot, emit_module
 
 __all__ = ["Generated", "generate", "generated_by_key", "unsupported_reason", "CODEGEN_VERSION"]
 
 _TRACE_LEN = 4
 # The generator's own source (tracing and emission) is part of the key, so editing it never reuses a stale file.
 _GENERATOR_HASH = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, emit.__file__))).hexdigest()[:16]
-
-
-@dataclass
-class Traced:
-    """One mod traced to an FX graph, and the captured tensors it reads."""
-
-    kind: str  # "score_mod" or "mask_mod"
-    graph_module: torch.fx.GraphModule
-    buffers: list[torch.Tensor]  # in order of first use, deduplicated by identity
 
 
 @dataclass

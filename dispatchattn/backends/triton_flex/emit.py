@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .codegen import Traced
+
+@dataclass
+class Traced:
+    """One mod traced to an FX graph, and the captured tensors it reads."""
+
+    kind: str  # "score_mod" or "mask_mod"
+    graph_module: torch.fx.GraphModule
+    buffers: list[torch.Tensor]  # in order of first use, deduplicated by identity
+
 
 #: Bump when the emitted code changes meaning: it is part of every cache key.
 #: 2: captured tensors as the tuples ``bufs`` / ``gbufs`` (any number) instead of ``buf0..buf3`` / ``gbuf0..gbuf3``.

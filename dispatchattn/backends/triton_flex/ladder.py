@@ -99,33 +99,3 @@ def first_launchable(kernel: str, config: TileConfig, problem: str, caps) -> tup
     said = "; ".join(f"{' and '.join(configs)} failed to launch here: {why}" for why, configs in skipped.items())
     return runs, f"{said}; so {runs.short()} runs" if runs != config else f"{said}; no smaller config is left"
 
-
-def probe(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig,
-          device: torch.device) -> tuple[TileConfig, TileConfig]:
-    """Launch the kernels ``spec`` needs once, on a problem of one tile with its dtype, head dims and mods, and
-    return the (forward, backward) configs that launched.  For compiled graphs: a config that cannot launch on
-    this device then fails while tracing, where a smaller config or another backend can still be chosen, rather
-    than inside the graph.  Raises ``LaunchFailed`` when no config launches.  What a launch needs depends on the
-    tile, dtype, head dims and mods, not on the lengths, so one tile tells."""
-    from .autograd import triton_flex_attention
-
-    grad = spec.requires_grad or spec.mods_need_grad
-    groups = max(1, spec.heads_q // max(spec.heads_kv, 1))
-    seq_q, seq_kv = min(spec.seq_q, fwd_config.block_m), min(spec.seq_kv, fwd_config.block_n)
-    make = dict(dtype=spec.dtype, device=device)
-    q = torch.randn(1, groups, seq_q, spec.head_dim, **make).requires_grad_(grad)
-    k = torch.randn(1, 1, seq_kv, spec.head_dim, **make)
-    v = torch.randn(1, 1, seq_kv, spec.head_dim_v, **make)
-    with torch.enable_grad() if grad else torch.no_grad():
-        out, _ = triton_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=1.0,
-                                       fwd_config=fwd_config, bwd_config=bwd_config)
-        if grad:
-            out.sum().backward()
-    from . import codegen
-
-    problem = problem_key(spec.dtype, spec.head_dim, spec.head_dim_v, codegen.generate(score_mod, mask_mod, device).key)
-    from ...capabilities import probe as probe_caps
-
-    caps = probe_caps(device)
-    return (first_launchable("fwd", fwd_config, problem, caps)[0],
-            first_launchable("bwd", bwd_config, problem, caps)[0] if grad else bwd_config)

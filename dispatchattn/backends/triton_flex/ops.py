@@ -206,3 +206,33 @@ def plan(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConf
     fwd = build_block_mask(mask_mod, block_m=fwd_config.block_m, block_n=fwd_config.block_n, **shape)
     bwd = build_block_mask(mask_mod, block_m=bwd_config.block_m, block_n=bwd_config.block_n, **shape)
     return Plan(generated.key, fwd_config, bwd_config, lists_of(fwd, "kv"), lists_of(bwd, "kv") + lists_of(bwd, "q"))
+
+
+def probe_configs(spec, score_mod, mask_mod, fwd_config: TileConfig, bwd_config: TileConfig,
+                  device: torch.device) -> tuple[TileConfig, TileConfig]:
+    """Launch the kernels ``spec`` needs once, on a problem of one tile with its dtype, head dims and mods, and
+    return the (forward, backward) configs that launched (``ladder``).  While tracing, so that a config that cannot
+    launch on this device fails where a smaller config or another backend can still be chosen, not inside the
+    graph.  Raises ``failures.LaunchFailed`` when no config launches.  What a launch needs depends on the tile,
+    dtype, head dims and mods, not on the lengths: one tile tells."""
+    from ...capabilities import probe
+    from . import codegen, ladder
+    from .autograd import triton_flex_attention
+
+    grad = spec.requires_grad or spec.mods_need_grad
+    groups = max(1, spec.heads_q // max(spec.heads_kv, 1))
+    seq_q, seq_kv = min(spec.seq_q, fwd_config.block_m), min(spec.seq_kv, fwd_config.block_n)
+    make = dict(dtype=spec.dtype, device=device)
+    q = torch.randn(1, groups, seq_q, spec.head_dim, **make).requires_grad_(grad)
+    k = torch.randn(1, 1, seq_kv, spec.head_dim, **make)
+    v = torch.randn(1, 1, seq_kv, spec.head_dim_v, **make)
+    with torch.enable_grad() if grad else torch.no_grad():
+        out, _ = triton_flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, scale=1.0,
+                                       fwd_config=fwd_config, bwd_config=bwd_config)
+        if grad:
+            out.sum().backward()
+    generated = codegen.generate(score_mod, mask_mod, device)
+    problem = ladder.problem_key(spec.dtype, spec.head_dim, spec.head_dim_v, generated.key)
+    caps = probe(device)
+    return (ladder.first_launchable("fwd", fwd_config, problem, caps)[0],
+            ladder.first_launchable("bwd", bwd_config, problem, caps)[0] if grad else bwd_config)
