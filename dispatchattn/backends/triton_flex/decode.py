@@ -40,10 +40,10 @@ from .block_mask import cache_key, index_lists, tile_classes
 from .decode_kernels import decode_kernel, decode_reduce_kernel
 from .kernels import (
     Launch,
-    _head_constexprs,
-    _mask_strides,
-    _mod_constexprs,
-    _signature,
+    head_constexprs,
+    launch_signature,
+    mask_strides,
+    mod_constexprs,
     padded,
 )
 
@@ -174,8 +174,8 @@ def decode_launch(q, k, v, out_part, lse_part, buffers, lists, scale, generated,
     groups = heads // heads_kv
     block_m = block_rows(seq_q, groups, config)
     args = [q, k, v, out_part, lse_part, tuple(buffers), *lists, *q.stride(), *k.stride(), *v.stride(),
-            *_mask_strides(lists[0]), lists[1].shape[-1], heads_kv, groups, seq_q, seq_kv, num_splits, float(scale)]
-    constexprs = {**_head_constexprs(q, v, block_m, config.block_n), **_mod_constexprs(generated),
+            *mask_strides(lists[0]), lists[1].shape[-1], heads_kv, groups, seq_q, seq_kv, num_splits, float(scale)]
+    constexprs = {**head_constexprs(q, v, block_m, config.block_n), **mod_constexprs(generated),
                   "EVEN_N": seq_kv % config.block_n == 0}
     grid = (batch * heads_kv, num_splits, triton.cdiv(seq_q * groups, block_m))
     return DecodeLaunch("decode", args, constexprs, grid)
@@ -265,4 +265,4 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
         launch = decode_launch(q, k, v, part, rows, buffers, lists, 1.0, generated, config, 2)
     else:
         launch = reduce_launch(part, rows, out, rows[0], 2, write_lse)
-    return launch.jit_fn, _signature(launch), dict(launch.constexprs)
+    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs)

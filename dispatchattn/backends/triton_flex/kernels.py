@@ -475,7 +475,7 @@ def padded(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _head_constexprs(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:
+def head_constexprs(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> dict:
     return {"HEAD_DIM": q.shape[-1], "HEAD_DIM_V": v.shape[-1], "D_PAD": padded(q.shape[-1]),
             "DV_PAD": padded(v.shape[-1]), "BLOCK_M": block_m, "BLOCK_N": block_n,
             # "ieee" for every dtype: fp32 keeps full precision, and for fp16/bf16 operands the setting changes
@@ -483,12 +483,12 @@ def _head_constexprs(q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: in
             "DOT_PRECISION": "ieee"}
 
 
-def _mod_constexprs(generated) -> dict:
+def mod_constexprs(generated) -> dict:
     return {"SCORE_MOD": generated.module.score_mod, "MASK_MOD": generated.module.mask_mod,
             "HAS_SCORE_MOD": generated.has_score_mod}
 
 
-def _mask_strides(num: torch.Tensor) -> list[int]:
+def mask_strides(num: torch.Tensor) -> list[int]:
     """Row strides of a (Bm, Hm, rows) count tensor: 0 on broadcast (size-1) dims."""
     mask_batch, mask_heads, rows = num.shape
     return [mask_heads * rows if mask_batch > 1 else 0, rows if mask_heads > 1 else 0]
@@ -499,8 +499,8 @@ def fwd_launch(q, k, v, out, lse, buffers, lists, scale, generated, config: Tile
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
     args = [q, k, v, out, lse, tuple(buffers), *lists, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *_mask_strides(lists[0]), lists[1].shape[-1], heads // k.shape[1], seq_q, seq_kv, float(scale)]
-    constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
+            *mask_strides(lists[0]), lists[1].shape[-1], heads // k.shape[1], seq_q, seq_kv, float(scale)]
+    constexprs = {**head_constexprs(q, v, config.block_m, config.block_n), **mod_constexprs(generated),
                   "EVEN_N": seq_kv % config.block_n == 0, "WRITE_LSE": write_lse}
     return Launch("fwd", args, constexprs, (triton.cdiv(seq_q, config.block_m), batch, heads))
 
@@ -523,9 +523,9 @@ def dkdv_launch(q, k, v, dout, lse, delta, dk, dv, buffers, q_lists, scale, gene
     batch, heads, seq_q, _ = q.shape
     heads_kv, seq_kv = k.shape[1], k.shape[2]
     args = [q, k, v, dout, lse, delta, dk, dv, tuple(buffers), *q_lists, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(q_lists[0]), q_lists[1].shape[-1],
+            *dout.stride(), *dk.stride(), *dv.stride(), *mask_strides(q_lists[0]), q_lists[1].shape[-1],
             heads, heads // heads_kv, seq_q, seq_kv, float(scale)]
-    constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
+    constexprs = {**head_constexprs(q, v, config.block_m, config.block_n), **mod_constexprs(generated),
                   "SCORE_MOD_BWD": generated.module.score_mod_bwd, "EVEN_N": seq_kv % config.block_n == 0}
     return Launch("bwd_dkdv", args, constexprs, (triton.cdiv(seq_kv, config.block_n), batch, heads_kv))
 
@@ -535,9 +535,9 @@ def dq_launch(q, k, v, dout, lse, delta, dq, buffers, grad_buffers, kv_lists, sc
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
     args = [q, k, v, dout, lse, delta, dq, tuple(buffers), tuple(grad_buffers), *kv_lists, *q.stride(), *k.stride(),
-            *v.stride(), *dout.stride(), *dq.stride(), *_mask_strides(kv_lists[0]), kv_lists[1].shape[-1],
+            *v.stride(), *dout.stride(), *dq.stride(), *mask_strides(kv_lists[0]), kv_lists[1].shape[-1],
             heads // k.shape[1], seq_q, seq_kv, float(scale)]
-    constexprs = {**_head_constexprs(q, v, config.block_m, config.block_n), **_mod_constexprs(generated),
+    constexprs = {**head_constexprs(q, v, config.block_m, config.block_n), **mod_constexprs(generated),
                   "SCORE_MOD_BWD": generated.module.score_mod_bwd, "EVEN_N": seq_kv % config.block_n == 0,
                   "ACCUMULATE": accumulate}
     return Launch("bwd_dq", args, constexprs, (triton.cdiv(seq_q, config.block_m), batch, heads))
@@ -559,7 +559,7 @@ def _type_of(value) -> str | tuple:
     return "fp32" if isinstance(value, float) else "i32"
 
 
-def _signature(launch: Launch) -> dict[str, str | tuple]:
+def launch_signature(launch: Launch) -> dict[str, str | tuple]:
     names = [n for n in launch.jit_fn.arg_names if n not in launch.constexprs]
     signature = {}
     for name, value in zip(names, launch.args):
@@ -600,4 +600,4 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
         "bwd_dq": lambda: dq_launch(q, k, v, out, rows, rows, q, buffers, grads, lists, 1.0, generated, config,
                                     accumulate),
     }[kernel]()
-    return launch.jit_fn, _signature(launch), dict(launch.constexprs)
+    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs)
