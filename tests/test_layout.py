@@ -56,7 +56,8 @@ def _imports(name: str) -> list[tuple[str, str]]:
         if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.lineno in skip:
             continue
         if isinstance(node, ast.Import):
-            found += [(a.name.removeprefix("dispatchattn."), "") for a in node.names if a.name.startswith("dispatchattn.")]
+            found += [(a.name.removeprefix("dispatchattn."), "") for a in node.names
+                      if a.name.startswith("dispatchattn.")]
             continue
         if node.level:
             base = package.split(".") if package else []
