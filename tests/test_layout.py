@@ -13,7 +13,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dispatchattn"
 KNOWN_CIRCLES = [
     ["autotune_cache.measured_space", "autotune_cache.shipped", "autotune_cache.space", "autotune_cache.verify",
      "backends.triton_flex.aot", "backends.triton_flex.aot_report"],
-    ["autotune_cache.select", "autotune_cache.tuning"],
 ]
 #: Private names still imported across modules, exactly: (importer, module, name).
 KNOWN_PRIVATE = {

@@ -7,8 +7,8 @@
 """
 
 from .config import TileConfig
-from .key import TuneKey, make_key
-from .select import INTERPRETER_SOURCE, autotune_dir, clear_memo, select_config, user_cache_path
+from .key import TuneKey, autotune_dir, make_key, user_cache_path
+from .select import INTERPRETER_SOURCE, clear_memo, select_config
 from .space import config_space, estimate_resources, heuristic_config, why_config_invalid
 from .tuning import TuneResult, candidates_for, kernel_bench_fn, tune
 

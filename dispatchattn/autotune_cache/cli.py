@@ -14,7 +14,8 @@ import torch
 from .. import capabilities, masks
 from ..spec import AttentionSpec
 from . import shipped, store
-from .select import autotune_dir, clear_memo
+from .key import autotune_dir
+from .select import clear_memo
 from .tuning import candidates_for, kernel_bench_fn, tune
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from .. import version
 from ..capabilities import DeviceCaps
 from ..masks import Causal, Full, MaskMod
+from ..paths import cache_root
 from ..spec import AttentionSpec
 
 MIN_SEQ_BUCKET = 16
@@ -136,3 +138,13 @@ def make_key(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> TuneKey:
         seq_q_bucket=seq_bucket(spec.seq_q),
         seq_kv_bucket=seq_bucket(spec.seq_kv),
     )
+
+
+def autotune_dir() -> Path:
+    """``<cache root>/autotune``: one sub-directory per device, one JSON file per set of versions."""
+    return cache_root() / "autotune"
+
+
+def user_cache_path(key: TuneKey) -> Path:
+    """The user-cache file that holds ``key``'s entry."""
+    return autotune_dir() / key.file_name

@@ -18,11 +18,10 @@ import torch
 
 from .. import envs
 from ..capabilities import DeviceCaps
-from ..paths import cache_root
 from ..spec import AttentionSpec
 from . import shipped, store
 from .config import TileConfig
-from .key import TuneKey, make_key
+from .key import TuneKey, make_key, user_cache_path
 from .space import _pow2_at_least, heuristic_config_and_note, why_config_cannot_launch
 
 logger = logging.getLogger("dispatchattn")
@@ -33,16 +32,6 @@ FALLBACK = TileConfig(64, 64, num_warps=4, num_stages=2)  # fits every arch in t
 #: Kernels ``DISPATCHATTN_AUTOTUNE=1`` tunes on a cache miss; others ("decode") use the shipped default.
 TUNED_ON_MISS = ("fwd", "bwd")
 _memo: dict[tuple, tuple[TileConfig, str]] = {}
-
-
-def autotune_dir() -> Path:
-    """``<cache root>/autotune``: one sub-directory per device, one JSON file per set of versions."""
-    return cache_root() / "autotune"
-
-
-def user_cache_path(key: TuneKey) -> Path:
-    """The user-cache file that holds ``key``'s entry."""
-    return autotune_dir() / key.file_name
 
 
 def interpreter_config(spec: AttentionSpec) -> TileConfig:

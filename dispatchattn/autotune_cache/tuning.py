@@ -22,7 +22,7 @@ from ..capabilities import DeviceCaps
 from ..spec import AttentionSpec
 from . import store
 from .config import TileConfig
-from .key import TuneKey, make_key
+from .key import TuneKey, make_key, user_cache_path
 from .space import _pow2_at_least, config_space, heuristic_config
 
 BenchFn = Callable[[TileConfig], float]
@@ -137,7 +137,6 @@ def tune(
             bar.set_postfix_str(f"best {_ms(result.best_seconds)} ms", refresh=False)
     bar.close()
     if save and result.succeeded:
-        from .select import user_cache_path  # the lookup side owns where the file lives
 
         path = cache_file if cache_file is not None else user_cache_path(key)
         result.store_status = store.put(path, key.entry, result.entry(), key.header)
