@@ -60,11 +60,12 @@ def _stand_in(static):
 
 
 def _static_mod(mod):
-    """A mod as constants, read in traced code: a ``da.masks`` / ``da.scores`` object as its class and attributes
-    (tensors as metadata: one made inside the compiled region has no real counterpart at trace time); a
-    closure-free function as itself; any other callable as "opaque"."""
+    """A mod as constants, read in traced code: a ``da.masks`` / ``da.scores`` object as its class and the fields
+    it declares (``_fields``, read by name: plain attribute reads, which every dynamo traces and guards; tensors as
+    metadata: one made inside the compiled region has no real counterpart at trace time); a closure-free function
+    as itself; any other callable as "opaque"."""
     if isinstance(mod, (MaskMod, ScoreMod)):
-        return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
+        return ("mod", type(mod), tuple([(name, _static_mod(getattr(mod, name))) for name in mod._fields]))
     if isinstance(mod, Tensor):
         return ("tensor", _constant(mod))
     if mod is None or not callable(mod):
@@ -94,10 +95,8 @@ def _rebuild_mod(static, opaque=None):
         return static[1]
     if static[0] == "tensor":
         return _stand_in(static[1])
-    _, cls, attributes = static
-    twin = cls.__new__(cls)
-    twin.__dict__.update({name: _rebuild_mod(value) for name, value in attributes})
-    return twin
+    _, cls, fields = static
+    return cls(**{name: _rebuild_mod(value) for name, value in fields})
 
 
 class _Decided:

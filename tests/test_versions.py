@@ -1,0 +1,90 @@
+"""What keeps dispatchattn working on every supported torch: nothing version-specific in the compiled path.
+
+- The structured mods declare their fields (``_fields``), which ``compiled.py`` reads by name while tracing:
+  plain attribute reads, which every dynamo traces and guards (torch 2.11's cannot trace ``__dict__.items()``).
+- Triton's interpreter (how CI runs the ``triton_flex`` kernels on CPU) loops over a count loaded from memory:
+  Triton 3.6's interpreter cannot with NumPy >= 2.4 (fixed in Triton 3.7); the test names the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import dispatchattn as da
+from dispatchattn import compiled, envs
+from dispatchattn.masks import MaskMod
+from dispatchattn.scores import ScoreMod
+
+
+def _concrete(base: type) -> list[type]:
+    out = []
+    for cls in base.__subclasses__():
+        out.extend([cls] if "__call__" in vars(cls) else [])
+        out.extend(_concrete(cls))
+    return out
+
+
+MODS = [
+    da.masks.full(), da.masks.causal(), da.masks.causal(bottom_right=True),
+    da.masks.causal(bottom_right=True).bind(5, 9), da.masks.sliding_window(7, 2), da.masks.prefix_lm(3),
+    da.masks.document(torch.tensor([0, 0, 1, 1, 1])), da.masks.sliding_window(4) & da.masks.causal(),
+    da.masks.prefix_lm(2) | (da.masks.causal() & da.masks.document(torch.tensor([[0, 1, 1]]))),
+    da.scores.softcap(30.0), da.scores.alibi(torch.linspace(0.1, 0.8, 4)),
+    da.scores.relative_bias(torch.randn(2, 9)), da.scores.relative_bias(torch.randn(2, 9)).bind(5, 5),
+]
+
+
+@pytest.mark.parametrize("cls", _concrete(MaskMod) + _concrete(ScoreMod), ids=lambda cls: cls.__name__)
+def test_every_structured_mod_declares_its_constructor_parameters_as_fields(cls):
+    own_init = cls.__init__ is not object.__init__
+    parameters = tuple(inspect.signature(cls.__init__).parameters)[1:] if own_init else ()  # without self
+    assert cls._fields == parameters
+
+
+@pytest.mark.parametrize("mod", MODS, ids=repr)
+def test_the_traced_description_of_a_mod_rebuilds_an_equal_structure(mod):
+    twin = compiled._rebuild_mod(compiled._static_mod(mod))
+    assert type(twin) is type(mod) and twin.key == mod.key and twin.needs_lengths == mod.needs_lengths
+    for got, want in zip(twin.captured(), mod.captured()):  # stand-ins: the metadata, not the values
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+
+
+def test_a_mod_compiles_reading_only_its_fields():
+    """An attribute that is not a field (a cache, a user's note) is not part of the decision."""
+    mask = da.masks.sliding_window(3) & da.masks.causal()
+    mask.note = {"not": "a field"}  # dynamo could not make this a constant in every release
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(n)) for n in range(3))
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(lambda q, k, v: da.attention(q, k, v, mask_mod=mask), fullgraph=True)(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, da.attention(q, k, v, mask_mod=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_the_interpreter_loops_over_a_count_loaded_from_memory():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if not envs.triton_interpret():
+        pytest.skip("TRITON_INTERPRET is not set: the kernels run compiled")
+
+    @triton.jit
+    def count_up(n_ptr, out_ptr):
+        total = 0
+        for _ in range(0, tl.load(n_ptr)):
+            total += 1
+        tl.store(out_ptr, total)
+
+    n, out = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    try:
+        count_up[(1,)](n, out)
+    except Exception as error:  # noqa: BLE001 - the interpreter wraps the NumPy TypeError in its own error
+        numpy = pytest.importorskip("numpy")
+        pytest.fail(f"Triton {triton.__version__}'s interpreter cannot loop over a loaded count with NumPy "
+                    f"{numpy.__version__} (Triton < 3.7 needs NumPy < 2.4: pip install 'numpy<2.4'): {error}")
+    assert int(out) == 3
+
