@@ -1,4 +1,5 @@
-"""What keeps dispatchattn working on every supported torch: nothing version-specific in the compiled path.
+"""What keeps dispatchattn working on every supported torch (pyproject: the last five minor releases, each run
+by ``.ci/run``): nothing version-specific in the compiled path, and the bounds, CI and docs stating one range.
 
 - The structured mods declare their fields (``_fields``), which ``compiled.py`` reads by name while tracing:
   plain attribute reads, which every dynamo traces and guards (torch 2.11's cannot trace ``__dict__.items()``).
@@ -9,14 +10,39 @@
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import dispatchattn as da
 from dispatchattn import compiled, envs
 from dispatchattn.masks import MaskMod
 from dispatchattn.scores import ScoreMod
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirement(name: str, requirements: list[str]) -> Requirement:
+    (found,) = [r for r in map(Requirement, requirements) if r.name == name]
+    return found
+
+
+def _supported_minors() -> list[str]:
+    """``torch>=2.A,<2.B`` -> ["2.A", ..., "2.(B-1)"]."""
+    spec = _requirement("torch", _pyproject()["project"]["dependencies"]).specifier
+    bounds = {s.operator: Version(s.version) for s in spec}
+    assert set(bounds) == {">=", "<"}, f"torch bounds should be '>=2.A,<2.B', got {spec}"
+    low, high = bounds[">="], bounds["<"]
+    return [f"{low.major}.{minor}" for minor in range(low.minor, high.minor)]
 
 
 def _concrete(base: type) -> list[type]:
@@ -63,6 +89,31 @@ def test_a_mod_compiles_reading_only_its_fields():
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(got, da.attention(q, k, v, mask_mod=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_the_installed_torch_and_triton_are_in_the_supported_range():
+    torch_req = _requirement("torch", _pyproject()["project"]["dependencies"])
+    assert torch_req.specifier.contains(Version(torch.__version__).base_version), (torch.__version__, torch_req)
+    triton = pytest.importorskip("triton")
+    for extra in ("triton", "test"):
+        triton_req = _requirement("triton", _pyproject()["project"]["optional-dependencies"][extra])
+        assert triton_req.specifier.contains(triton.__version__), (triton.__version__, extra, triton_req)
+
+
+def test_the_supported_range_is_the_last_five_minors_and_ci_runs_each():
+    minors = _supported_minors()
+    assert len(minors) == 5, minors
+    ci = (ROOT / ".ci" / "run").read_text()
+    pinned = re.search(r'^PINNED_TORCH="(\d+\.\d+)\.\d+"', ci, re.M)
+    others = re.search(r'^COMPAT_TORCH="([\d. ]+)"', ci, re.M)
+    assert pinned and others, "expected PINNED_TORCH=... and COMPAT_TORCH=... in .ci/run"
+    assert sorted([pinned.group(1), *others.group(1).split()], key=Version) == minors
+
+
+def test_the_readme_states_the_supported_range():
+    minors = _supported_minors()
+    readme = (ROOT / "README.md").read_text()
+    assert f"torch {minors[0]} to {minors[-1]}" in readme
 
 
 def test_the_interpreter_loops_over_a_count_loaded_from_memory():
