@@ -195,6 +195,12 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     return fallback, get_backend(fallback.backend)
 
 
+def _kernel_mod(mod, twin, spec):
+    """The structured mod the kernels run in a traced call: ``twin`` (``spec``'s, bound) where it captures no
+    tensor, else the caller's ``mod`` bound to the lengths."""
+    return twin if not twin.captured() else mod.bind(spec.seq_q, spec.seq_kv)
+
+
 def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                      *, score_mod=None, mask_mod=None, layout="bhsd", return_lse=False, backend=None):
     """``attention`` as torch.compile traces it (dynamo inlines this function in its place, see ``api.py``; the
@@ -226,9 +232,12 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         sdpa_dropout, sdpa_causal, sdpa_scale, sdpa_gqa = sdpa_arguments
         return _sdpa(query, key, value, None, sdpa_dropout, sdpa_causal, scale=sdpa_scale, enable_gqa=sdpa_gqa)
     spec, decision, runner = getattr(DECIDED, name)
-    # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
-    mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod
-    score = score_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(score_mod, ScoreMod) else score_mod
+    # The spec holds structural twins of the mods, bound to the lengths.  A twin that captures no tensor computes
+    # what the caller's mod computes, and existed before tracing: the kernels run it (not every dynamo can read the
+    # attributes of a mod made in the traced code, by ``bind`` or by the caller inside the region: torch 2.11
+    # cannot).  One that captures tensors holds stand-ins: the kernels run the caller's own, bound here.
+    mask = _kernel_mod(mask_mod, spec.mask, spec) if isinstance(mask_mod, MaskMod) else mask_mod
+    score = _kernel_mod(score_mod, spec.score, spec) if isinstance(score_mod, ScoreMod) else score_mod
     call = AttentionCall(query, key, value, attn_mask, mask, score,
                          scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), spec.dropout_p, is_causal,
                          enable_gqa, return_lse, layout)

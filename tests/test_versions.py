@@ -91,6 +91,32 @@ def test_a_mod_compiles_reading_only_its_fields():
     torch.testing.assert_close(got, da.attention(q, k, v, mask_mod=mask), atol=1e-5, rtol=1e-5)
 
 
+IN_REGION = {
+    "bottom_right": lambda: {"mask_mod": da.masks.causal(bottom_right=True)},  # bound in the traced code too
+    "window_and_causal": lambda: {"mask_mod": da.masks.sliding_window(3) & da.masks.causal()},
+    "softcap": lambda: {"score_mod": da.scores.softcap(5.0), "is_causal": True},
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch_flex"])
+@pytest.mark.parametrize("case", sorted(IN_REGION))
+def test_mods_made_inside_the_compiled_region_compile(case, backend):
+    """Mods the caller makes inside the region, and ``bind``'s, are objects dynamo creates while tracing: the
+    kernels run the decision's twins instead (torch 2.11's dynamo cannot read such an object's attributes)."""
+    q, k, v = (torch.randn(1, 2, 80, 16, generator=torch.Generator().manual_seed(n)) for n in range(3))
+    q = q[:, :, :70]  # torch_flex on CPU: at least 64 positions and head_dim 16
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, backend=backend, **IN_REGION[case]())
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(fn, fullgraph=True)(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_the_installed_torch_and_triton_are_in_the_supported_range():
     torch_req = _requirement("torch", _pyproject()["project"]["dependencies"])
     assert torch_req.specifier.contains(Version(torch.__version__).base_version), (torch.__version__, torch_req)

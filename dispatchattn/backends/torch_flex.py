@@ -123,6 +123,11 @@ class _BothScores(_Both):
         return self.second(self.first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
 
 
+#: ``is_causal`` as a mask: one object made at import (a mask made in traced code is one that not every dynamo
+#: can read the attributes of: torch 2.11's cannot, see tests/test_versions.py).
+_CAUSAL = Causal()
+
+
 def _combine(first, second, is_score: bool = False):
     if first is None or second is None:
         return first if second is None else second
@@ -173,7 +178,7 @@ class TorchFlexBackend(Backend):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         mask_mod, score_mod = call.mask_mod, call.score_mod
         if call.is_causal:
-            mask_mod = _combine(mask_mod, Causal())
+            mask_mod = _combine(mask_mod, _CAUSAL)
         if call.attn_mask is not None:
             if call.attn_mask.dtype == torch.bool:
                 mask_mod = _combine(mask_mod, _DenseBoolMask(call.attn_mask))
