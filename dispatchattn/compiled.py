@@ -62,11 +62,12 @@ def _stand_in(static):
 
 
 def _static_mod(mod):
-    """A mod as constants, read in traced code: a ``da.masks`` / ``da.scores`` object as its class and attributes
-    (tensors as metadata: one made inside the compiled region has no real counterpart at trace time); a
-    closure-free function as itself; any other callable as "opaque"."""
+    """A mod as constants, read in traced code: a ``da.masks`` / ``da.scores`` object as its class and the fields
+    it declares (``_fields``, read by name: plain attribute reads, which every dynamo traces and guards; tensors as
+    metadata: one made inside the compiled region has no real counterpart at trace time); a closure-free function
+    as itself; any other callable as "opaque"."""
     if isinstance(mod, (MaskMod, ScoreMod)):
-        return ("mod", type(mod), tuple((name, _static_mod(value)) for name, value in mod.__dict__.items()))
+        return ("mod", type(mod), tuple([(name, _static_mod(getattr(mod, name))) for name in mod._fields]))
     if isinstance(mod, Tensor):
         return ("tensor", _constant(mod))
     if mod is None or not callable(mod):
@@ -96,10 +97,8 @@ def _rebuild_mod(static, opaque=None):
         return static[1]
     if static[0] == "tensor":
         return _stand_in(static[1])
-    _, cls, attributes = static
-    twin = cls.__new__(cls)
-    twin.__dict__.update({name: _rebuild_mod(value) for name, value in attributes})
-    return twin
+    _, cls, fields = static
+    return cls(**{name: _rebuild_mod(value) for name, value in fields})
 
 
 class _Decided:
@@ -209,6 +208,12 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
     return fallback, get_backend(fallback.backend)
 
 
+def _kernel_mod(mod, twin, spec):
+    """The structured mod the kernels run in a traced call: ``twin`` (``spec``'s, bound) where it captures no
+    tensor, else the caller's ``mod`` bound to the lengths."""
+    return twin if not twin.captured() else mod.bind(spec.seq_q, spec.seq_kv)
+
+
 def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                      *, score_mod=None, mask_mod=None, layout="bhsd", return_lse=False, backend=None):
     """``attention`` as torch.compile traces it (dynamo inlines this function in its place, see ``api.py``; the
@@ -240,9 +245,12 @@ def traced_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         sdpa_dropout, sdpa_causal, sdpa_scale, sdpa_gqa = sdpa_arguments
         return _sdpa(query, key, value, None, sdpa_dropout, sdpa_causal, scale=sdpa_scale, enable_gqa=sdpa_gqa)
     spec, decision, runner = getattr(DECIDED, name)
-    # The spec holds structural twins of the mods; the kernels run the caller's own, bound to the lengths.
-    mask = mask_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(mask_mod, MaskMod) else mask_mod
-    score = score_mod.bind(spec.seq_q, spec.seq_kv) if isinstance(score_mod, ScoreMod) else score_mod
+    # The spec holds structural twins of the mods, bound to the lengths.  A twin that captures no tensor computes
+    # what the caller's mod computes, and existed before tracing: the kernels run it (not every dynamo can read the
+    # attributes of a mod made in the traced code, by ``bind`` or by the caller inside the region: torch 2.11
+    # cannot).  One that captures tensors holds stand-ins: the kernels run the caller's own, bound here.
+    mask = _kernel_mod(mask_mod, spec.mask, spec) if isinstance(mask_mod, MaskMod) else mask_mod
+    score = _kernel_mod(score_mod, spec.score, spec) if isinstance(score_mod, ScoreMod) else score_mod
     call = AttentionCall(query, key, value, attn_mask, mask, score,
                          scale if scale is not None else 1.0 / math.sqrt(spec.head_dim), spec.dropout_p, is_causal,
                          enable_gqa, return_lse, layout)

@@ -30,6 +30,9 @@ class MaskMod:
     kind: str = "mask"
     #: True when the mask depends on (seq_q, seq_kv) and must be bound to them before it is evaluated.
     needs_lengths: bool = False
+    #: The constructor's parameters, in order, each kept as the attribute of the same name: the object's whole
+    #: state (``compiled.py`` reads them by name while tracing, and rebuilds the object from them).
+    _fields: tuple[str, ...] = ()
 
     def __call__(self, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -106,6 +109,8 @@ class Full(MaskMod):
 class Causal(MaskMod):
     """``q_idx + offset >= kv_idx``: offset 0 is top-left (SDPA's is_causal), Sk - Sq bottom-right."""
 
+    _fields = ("bottom_right", "offset")
+
     def __init__(self, bottom_right: bool = False, offset: int | None = None):
         self.bottom_right = bool(bottom_right)
         self.offset = offset if offset is not None else (None if bottom_right else 0)
@@ -147,6 +152,8 @@ class Causal(MaskMod):
 class SlidingWindow(MaskMod):
     """Keys with ``q_idx - left <= kv_idx <= q_idx + right`` (top-left aligned, like ``causal()``)."""
 
+    _fields = ("left", "right")
+
     def __init__(self, left: int, right: int = 0):
         self.left = int(left)
         self.right = int(right)
@@ -179,6 +186,8 @@ class PrefixLM(MaskMod):
 
     kind = "prefix_lm"
 
+    _fields = ("prefix_len",)
+
     def __init__(self, prefix_len: int):
         self.prefix_len = int(prefix_len)
 
@@ -204,6 +213,8 @@ class Document(MaskMod):
     row when ``document_ids`` is (B, S))."""
 
     kind = "document"
+
+    _fields = ("document_ids",)
 
     def __init__(self, document_ids: torch.Tensor):
         if not isinstance(document_ids, torch.Tensor):
@@ -253,6 +264,8 @@ class Document(MaskMod):
 
 
 class Combined(MaskMod):
+    _fields = ("op", "left", "right")
+
     def __init__(self, op: str, left: MaskMod, right: MaskMod):
         self.op = op
         self.left = left

@@ -19,6 +19,8 @@ __all__ = ["ScoreMod", "softcap", "alibi", "relative_bias"]
 class ScoreMod:
     kind: str = "score"
     needs_lengths: bool = False
+    #: The constructor's parameters, in order, each kept as the attribute of the same name (see ``MaskMod``).
+    _fields: tuple[str, ...] = ()
 
     def __call__(self, score, b, h, q_idx, kv_idx):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -58,6 +60,8 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 class Softcap(ScoreMod):
     kind = "softcap"
 
+    _fields = ("cap",)
+
     def __init__(self, cap: float):
         self.cap = float(cap)
 
@@ -79,6 +83,8 @@ class Alibi(ScoreMod):
 
     kind = "alibi"
 
+    _fields = ("slopes",)
+
     def __init__(self, slopes: torch.Tensor):
         self.slopes = slopes
 
@@ -97,6 +103,8 @@ class RelativeBias(ScoreMod):
     """``score + table[h, q_idx - kv_idx + Sk - 1]``; ``table`` is (H, W) with W >= Sq + Sk - 1."""
 
     kind = "relative_bias"
+
+    _fields = ("table", "offset")
 
     def __init__(self, table: torch.Tensor, offset: int | None = None):
         self.table = table

@@ -10,6 +10,18 @@ import pytest
 # The strict GPU tier (markers gpu / cuda / rocm; DISPATCHATTN_REQUIRE_GPU=1 turns their skips into failures).
 pytest_plugins = ["gpu_tier"]
 
+#: The compatibility subset (marker ``compat``), which ``.ci/run`` runs on every supported torch besides the pinned
+#: one: tracing under torch.compile, the transformers integration, selection and validation, every backend on the
+#: catalogue (the Triton kernel through the interpreter, small sizes), and the version checks.
+COMPAT_FILES = frozenset({"test_compile.py", "test_transformers.py", "test_selector.py", "test_validation.py",
+                          "test_catalogue.py", "test_versions.py"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in COMPAT_FILES:
+            item.add_marker(pytest.mark.compat)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_decisions():

@@ -136,3 +136,24 @@ def test_marker_report_names_the_hardware():
     assert gpu_tier.why_missing(["cuda"], "rocm") == "needs an NVIDIA GPU (CUDA); this machine has an AMD GPU (ROCm)"
     assert gpu_tier.why_missing(["gpu"], "rocm") is None
     assert gpu_tier.why_missing(["rocm"], None).endswith("no GPU visible to torch")
+
+
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_a_gpu_machine_without_the_library_skips_saying_it_is_not_installed(backend):
+    """What the GPU tier's compile tests do on an H200 without flash-attn / xFormers: ``da.explain``'s reasons
+    for the backend go to ``skip_refused``, a plain skip naming the missing library (a failure in strict mode),
+    never "not applicable" and never an error."""
+    import torch
+    from packaging.version import Version
+
+    import dispatchattn as da
+    from dispatchattn.capabilities import DeviceCaps, Libraries, pretend
+
+    q = torch.randn(2, 8, 256, 64, dtype=torch.bfloat16)
+    without = Libraries(torch=Version("2.11.0"), triton=Version("3.6.0"))
+    with pretend(DeviceCaps.synthetic("sm_90", libraries=without)):
+        reasons = da.explain(q, q, q, mask_mod=da.masks.causal()).reasons[backend]
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        gpu_tier.skip_refused(backend, [r for r in reasons if r.code != "lower_priority"])
+    message = str(skipped.value)
+    assert "is not installed" in message and not message.startswith(gpu_tier.NOT_APPLICABLE), message

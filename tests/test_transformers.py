@@ -15,6 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from llama import layers_ran  # noqa: E402
+
 from dispatchattn.integrations import transformers as adapter  # noqa: E402
 
 TOL = dict(atol=7e-7, rtol=0.0)
@@ -159,3 +161,8 @@ def test_packed_sequences_from_position_ids_match():
     torch.testing.assert_close(got, want, **TOL)
     # the second document sees only itself (measured max difference 1.5e-7: a shorter matmul)
     torch.testing.assert_close(got[:, 5:8], alone, atol=3e-7, rtol=0.0)
+
+
+def test_the_gpu_tier_llama_recipe_runs_dispatchattn_on_cpu(monkeypatch, caplog):
+    """The GPU tier's check (tests/llama.py) on CPU: the layers ran dispatchattn, which said which kernel."""
+    assert layers_ran(caplog, monkeypatch, "cpu", torch.float32, tol=1e-5) == ["sdpa"]

@@ -73,6 +73,11 @@ def _block_mask(mask_mod, spec, device):
     return block_mask
 
 
+#: ``is_causal`` as a mask: one object made at import (a mask made in traced code is one that not every dynamo
+#: can read the attributes of: torch 2.11's cannot, see tests/test_versions.py).
+_CAUSAL = Causal()
+
+
 class TorchFlexBackend(Backend):
     name = "torch_flex"
     SUPPORTED_VENDORS = frozenset({"cpu", "cuda", "rocm", "xpu"})
@@ -117,7 +122,8 @@ class TorchFlexBackend(Backend):
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)
         mask_mod, score_mod = call.mask_mod, call.score_mod
         if call.is_causal:
-            mask_mod = masks.both(mask_mod, Causal())
+            # Paired, not ``&``-combined: a structured combination made here would be made in traced code.
+            mask_mod = _CAUSAL if mask_mod is None else masks.BothMasks(mask_mod, _CAUSAL)
         if call.attn_mask is not None:
             dense_mask, dense_score = masks.from_dense(call.attn_mask)
             mask_mod, score_mod = masks.both(mask_mod, dense_mask), masks.chain(score_mod, dense_score)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gpu_tier import skip_refused
+from llama import layers_ran
 from torch._dynamo.utils import counters
 
 import dispatchattn as da
@@ -76,22 +77,6 @@ def test_compiled_triton_flex_decoding_runs_its_custom_op():
 
 
 def test_transformers_llama_on_gpu_matches_sdpa(monkeypatch, caplog):
-    transformers = pytest.importorskip("transformers")
-    monkeypatch.setenv("DISPATCHATTN_EXPLAIN", "1")
-    caplog.set_level("INFO", logger="dispatchattn")
-    from dispatchattn.integrations.transformers import register
-
-    name = register()
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).cuda().half().eval()
-    oracle = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda().half().eval()
-    oracle.load_state_dict(ours.state_dict())
-    ids = torch.randint(1, 97, (2, 200), device="cuda")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, oracle(ids).logits, atol=2e-2, rtol=2e-2)
-    # Which kernels the layers ran, for the run's log (-rA shows it): one decision per distinct layer shape.
-    ran = sorted({r.getMessage().split(" for ", 1)[0].removeprefix("dispatchattn: ") for r in caplog.records})
-    print("transformers Llama layers ran:", ran)
+    ran = layers_ran(caplog, monkeypatch, "cuda", torch.float16, tol=2e-2)
+    print("transformers Llama layers ran:", ran)  # for the run's log (-rA shows it)
     assert ran and "reference" not in ran, ran
