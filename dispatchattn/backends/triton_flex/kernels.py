@@ -561,10 +561,25 @@ def _signature(launch: Launch) -> dict[str, str]:
     return {name: signature[name] for name in launch.jit_fn.arg_names}
 
 
+def _specialization(launch: Launch) -> dict[str, str]:
+    """How Triton's launcher specialises each runtime argument: "1" (an int equal to 1, compiled in as a constant),
+    "D" (a tensor, 16-byte aligned as torch allocates it, or an int divisible by 16), "" (neither)."""
+    def kind(value) -> str:
+        if isinstance(value, torch.Tensor):
+            return "D"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return ""
+        return "1" if value == 1 else "D" if value % 16 == 0 else ""
+
+    names = [n for n in launch.jit_fn.arg_names if n not in launch.constexprs]
+    return {name: kind(value) for name, value in zip(names, launch.args)}
+
+
 def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_dim_v: int, config: TileConfig,
               *, seq_divisible: bool = True, write_lse: bool = True, accumulate: bool | None = None,
-              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str], dict]:
-    """(jit_fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs), target)``.
+              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str], dict, dict[str, str]]:
+    """(jit_fn, signature, constexprs, specialization) for ``triton.compile(ASTSource(fn, signature, constexprs),
+    target)``; ``specialization`` (``_specialization``) is what a launch on the device adds to them.
 
     ``kernel`` is a key of ``KERNELS``; ``generated`` comes from ``codegen.generate(score_mod, mask_mod)``
     (``generate(None, None)`` for the plain kernel).  Needs a real ``triton.jit`` (TRITON_INTERPRET unset).
@@ -594,4 +609,4 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
         "bwd_dq": lambda: dq_launch(q, k, v, out, rows, rows, q, buffers, grads, lists, 1.0, generated, config,
                                     accumulate),
     }[kernel]()
-    return launch.jit_fn, _signature(launch), dict(launch.constexprs)
+    return launch.jit_fn, _signature(launch), dict(launch.constexprs), _specialization(launch)
