@@ -492,8 +492,9 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
         if "float32" not in name:
             assert entry == before["tile_configs"][name], name
     by_dtype = after["produced"]["checked_by_dtype"]
-    assert by_dtype["float32"] == by_dtype["bfloat16"] == {
-        "variants": list(verify.ALL_VARIANTS), "tritons": [aot_cache.triton_version()], "aot_format": aot.FORMAT_VERSION}
+    assert by_dtype["float32"] == by_dtype["bfloat16"] == {"variants": list(verify.ALL_VARIANTS),
+                                                           "tritons": [aot_cache.triton_version()],
+                                                           "aot_format": aot.FORMAT_VERSION}
     shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",),
                                      variants=("plain",))
     plain_fp32 = json.loads((tmp_path / "gfx1100.json").read_text())["produced"]
