@@ -213,7 +213,7 @@ def _start_worker(workdir: Path, index: int, python: str | None = None) -> subpr
 
 
 def _collect(workdir: Path, count: int, codes: list[int | None]) -> list[dict]:
-    tails = " | ".join((workdir / f"stderr{i}.txt").read_text()[-200:].strip() for i in range(len(codes)))
+    tails = " | ".join(" ".join((workdir / f"stderr{i}.txt").read_text()[-200:].split()) for i in range(len(codes)))
     results = []
     for index in range(count):
         path = workdir / f"result-{index}.pkl"
