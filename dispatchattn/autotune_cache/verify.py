@@ -379,7 +379,9 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
     matrix instruction (with every variant).  ``state`` / ``tried``: updated as ``verify_document`` keeps them.
 
     The plain kernels of every small tile are compiled at once; the other variants one tile per entry at a time,
-    largest first, until one passes (so an entry compiles its mods for as few tiles as it can)."""
+    largest first, until one passes (so an entry compiles its mods for as few tiles as it can).  Tiles whose plain
+    kernels fit only with the slower matrix instruction come after the others, and are compiled with every variant
+    too before one becomes the entry's fallback."""
     if not entries:
         return []
     state = {"least": {}, "fallback": {}, "plain_only": {}} if state is None else state
@@ -392,9 +394,10 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
     for name in entries:
         tried.setdefault(name, set()).update(SMALL_TILES)
         for c in SMALL_TILES:
-            if any(reasons[(name, c)]):
+            if not _only_instruction_problem(reasons[(name, c)]):
                 _sort_out(name, c, reasons[(name, c)], records[(name, c)], state)
-        queue[name] = sorted((c for c in SMALL_TILES if not any(reasons[(name, c)])), key=_preference)
+        queue[name] = sorted((c for c in SMALL_TILES if _only_instruction_problem(reasons[(name, c)])),
+                             key=lambda c, name=name: (any(reasons[(name, c)]), _preference(c)))
     log, found = [], {}
     while any(queue.values()):
         batch = {(name, configs.pop(0)): entries[name] for name, configs in queue.items() if configs}
@@ -406,6 +409,8 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
                 queue[name] = []
             else:
                 _sort_out(name, c, config_reasons, batch_records[(name, c)], state)
+                if _only_instruction_problem(config_reasons) and any(reasons[(name, c)]):
+                    queue[name] = []  # the largest slower-instruction tile fitting every variant: the fallback
     checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
     return log + [_ship(document, name, best, best_records, target, checked_with, triton_versions(pythons),
                         sweep=True) for name, (best, best_records) in found.items()]
