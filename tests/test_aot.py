@@ -118,6 +118,34 @@ def test_cache_key_changes_with_config_target_and_constants():
     assert base.cache_key() != toy_job("sm_90", head_dim=128).cache_key()
 
 
+def test_cache_key_changes_with_specialization_and_triton_version():
+    base = toy_job("sm_90")
+    unit_stride = aot.AotJob(**{**base.__dict__, "specialization": {"stride_m": "1"}})
+    assert base.cache_key() != unit_stride.cache_key()
+    assert base.cache_key() == base.cache_key(aot_cache.triton_version())
+    assert base.cache_key() != base.cache_key("0.0.0")
+
+
+def test_specialize_compiles_as_a_launch_on_the_device_would():
+    """An int argument equal to 1 becomes a constant; a tensor or an int divisible by 16 gets ``tt.divisibility``
+    16; on AMD a tensor also ``tt.pointer_range`` 32 (buffer operations): what Triton's launcher passes."""
+    from triton.backends.compiler import GPUTarget
+
+    job = {**toy_job("sm_90").payload(), "specialization": {"Q": "D", "stride_m": "1", "N_CTX": "D", "K": ""}}
+    signature, constexprs, attrs = aot_compile.specialize(job, GPUTarget(*ARCHS["sm_90"].triton_target))
+    assert signature["stride_m"] == "constexpr" and constexprs["stride_m"] == 1
+    assert attrs == {(0,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]]}
+    _, _, amd_attrs = aot_compile.specialize(job, GPUTarget(*ARCHS["gfx942"].triton_target))
+    assert amd_attrs[(0,)] == [["tt.divisibility", 16], ["tt.pointer_range", 32]]
+    assert amd_attrs[(5,)] == [["tt.divisibility", 16]]
+
+
+def test_triton_version_of_an_interpreter():
+    import sys
+
+    assert aot_cache.triton_version(sys.executable) == aot_cache.triton_version() == triton.__version__
+
+
 def test_kernel_that_cannot_be_loaded_is_an_error_record(monkeypatch, tmp_path):
     monkeypatch.setenv("DISPATCHATTN_CACHE_DIR", str(tmp_path))
     job = toy_job("sm_90")

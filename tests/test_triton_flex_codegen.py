@@ -131,10 +131,12 @@ def test_block_lists_are_cached_and_list_ascending_tiles():
 def test_aot_entry_describes_every_argument(kernel):
     generated = codegen.generate(da.scores.relative_bias(torch.randn(2, 255, requires_grad=True)).bind(128, 128),
                                  da.masks.causal())
-    jit_fn, signature, constexprs = kernels.aot_entry(kernel, generated, torch.bfloat16, 72, 40,
+    jit_fn, signature, constexprs, specialization = kernels.aot_entry(kernel, generated, torch.bfloat16, 72, 40,
                                                       TileConfig(64, 32), seq_divisible=False)
     assert list(signature) == list(jit_fn.arg_names)
     assert {n for n, t in signature.items() if t == "constexpr"} == set(constexprs)
+    assert list(specialization) == [n for n in signature if n not in constexprs]
+    assert set(specialization.values()) <= {"D", "1", ""}
     if kernel != "bwd_preprocess":
         assert constexprs["D_PAD"] == 128 and constexprs["HEAD_DIM"] == 72 and constexprs["EVEN_N"] is False
         assert signature["BUFS"] == ("*fp32",) and signature["Q"] == "*bf16"

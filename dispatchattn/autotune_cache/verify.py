@@ -38,24 +38,34 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def _summary(records) -> str:
     """Each plain launch's resources, then (when other variants were compiled) the most registers per launch
     over them and which spill."""
+    several = len({getattr(r, "triton_version", "") for r in records}) > 1
+
+    def launch(r) -> str:  # the launch, and the Triton that compiled it when the records come from several
+        return f"{r.kernel} [Triton {r.triton_version}]" if several else r.kernel
+
     parts = []
     for record in records:
         if _variant(record) != "plain":
             continue
         spill = f", {record.spill_bytes:,} B spilled" if record.spill_bytes else ", no spills"
-        parts.append(f"{record.kernel} {record.total_shared_bytes:,} B shared, {record.registers} registers{spill}")
+        parts.append(f"{launch(record)} {record.total_shared_bytes:,} B shared, {record.registers} registers{spill}")
     mods = [r for r in records if _variant(r) != "plain"]
     if mods:
         most: dict = {}
+        shared: dict = {}
         for r in mods:
-            if r.kernel not in most or (r.registers or 0) > (most[r.kernel].registers or 0):
-                most[r.kernel] = r
+            if launch(r) not in most or (r.registers or 0) > (most[launch(r)].registers or 0):
+                most[launch(r)] = r
+            if launch(r) not in shared or (r.total_shared_bytes or 0) > (shared[launch(r)].total_shared_bytes or 0):
+                shared[launch(r)] = r
         spilling = [r for r in mods if r.spill_bytes or r.spill_count]
         text = (f"with {', '.join(dict.fromkeys(_variant(r) for r in mods))}: most registers "
-                + ", ".join(f"{k} {r.registers} ({_variant(r)})" for k, r in most.items()))
+                + ", ".join(f"{k} {r.registers} ({_variant(r)})" for k, r in most.items())
+                + "; most shared memory "
+                + ", ".join(f"{k} {r.total_shared_bytes or 0:,} B ({_variant(r)})" for k, r in shared.items()))
         if spilling:
             text += "; spills: " + ", ".join(
-                f"{r.kernel} ({_variant(r)}) {r.spill_count or 0} VGPRs, {r.spill_bytes or 0:,} B" for r in spilling)
+                f"{launch(r)} ({_variant(r)}) {r.spill_count or 0} VGPRs, {r.spill_bytes or 0:,} B" for r in spilling)
         else:
             text += ", no spills"
         parts.append(text)
@@ -65,8 +75,10 @@ def _summary(records) -> str:
 def variant_spills(records) -> dict:
     """``{variant: {launch: {spilled_registers, spill_bytes, registers}}}`` of the launches that spill."""
     found: dict = {}
-    for r in records:
-        if r.spill_bytes or r.spill_count:
+    for r in records:  # compiled with several Tritons: the most each launch spilled
+        before = found.get(_variant(r), {}).get(r.kernel, {"spilled_registers": 0, "spill_bytes": 0})
+        if (r.spill_bytes or r.spill_count) and (r.spill_count or 0, r.spill_bytes or 0) > (
+                before["spilled_registers"], before["spill_bytes"]):
             found.setdefault(_variant(r), {})[r.kernel] = {
                 "spilled_registers": r.spill_count or 0, "spill_bytes": r.spill_bytes or 0, "registers": r.registers}
     return found
@@ -80,11 +92,19 @@ def _plain(reasons: list, records: list) -> list:
     return [reason for reason, record in zip(reasons, records) if _variant(record) == "plain"]
 
 
-def _round(pending: dict, target: str, workers: int, variants: tuple[str, ...]):
-    """``_compile_round``, naming ``variants`` only when there are more than the plain one."""
-    if len(variants) > 1:
-        return _compile_round(pending, target, workers, variants=variants)
-    return _compile_round(pending, target, workers)
+def _round(pending: dict, target: str, workers: int, variants: tuple[str, ...], pythons: tuple = (None,)):
+    """``_compile_round``, naming ``variants`` only when there are more than the plain one, ``pythons`` only when
+    another interpreter than this one compiles."""
+    more = {"variants": variants} if len(variants) > 1 else {}
+    more.update({"pythons": pythons} if tuple(pythons) != (None,) else {})
+    return _compile_round(pending, target, workers, **more)
+
+
+def triton_versions(pythons: Iterable[str | None] = (None,)) -> str:
+    """``"3.6.0"`` or ``"3.6.0 and 3.9.0"``: the Triton of each interpreter (None: this one)."""
+    from ..backends.triton_flex import aot_cache
+
+    return " and ".join(dict.fromkeys(aot_cache.triton_version(p) for p in pythons))
 
 
 def _preference(config: TileConfig) -> tuple:
@@ -96,7 +116,8 @@ def _preference(config: TileConfig) -> tuple:
 #: (``aot_report.CHECKED_VARIANTS``), plain first.  A shipped tile must fit with all of them, not only with the plain
 #: kernels: a mask or score adds live registers (gfx1100 at its 256 VGPRs spilled with 10 of 60 mod variants on the
 #: tiles chosen for the plain kernels).
-ALL_VARIANTS = ("plain", "causal", "sliding_window", "softcap", "alibi", "relative_bias")
+ALL_VARIANTS = ("plain", "causal", "sliding_window", "softcap", "alibi", "relative_bias", "clamped_bias",
+                "bucketed_bias")
 
 
 @functools.cache
@@ -124,20 +145,22 @@ def _variant_jobs(pending, target: str, variant: str, mod_free_too: bool):
 
 def _compile_round(
     pending: dict[tuple[str, TileConfig], tuple[str, str, int]], target: str, workers: int,
-    variants: Iterable[str] = ("plain",),
+    variants: Iterable[str] = ("plain",), pythons: Iterable[str | None] = (None,),
 ):
     """({(entry, config): [reject reason or None per launch]}, {(entry, config): [records]}).
 
     The plain kernels are compiled first; only the configs they pass (or reject for the matrix instruction
     alone) are compiled with the other ``variants`` (the launches that read the mods), whose records follow the
-    plain ones (``record.variant`` names each).
+    plain ones (``record.variant`` names each).  Each job is compiled by the Triton of every one of ``pythons``
+    (interpreters; None: this one): a config passes only if it fits under all of them.
     """
     from ..backends.triton_flex import aot
 
     records: dict[tuple[str, TileConfig], list] = {owner: [] for owner in pending}
     jobs, owners = _variant_jobs(pending, target, "plain", mod_free_too=True)
-    for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers)):
-        records[owner].append(record)
+    for python in pythons:
+        for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers, python=python)):
+            records[owner].append(record)
     others = [v for v in variants if v != "plain"]
     if others:
         survivors = {owner: entry for owner, entry in pending.items()
@@ -147,8 +170,9 @@ def _compile_round(
             more_jobs, more_owners = _variant_jobs(survivors, target, variant, mod_free_too=False)
             jobs += more_jobs
             owners += more_owners
-        for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers)):
-            records[owner].append(record)
+        for python in pythons:
+            for owner, record in zip(owners, aot.compile_jobs(jobs, workers=workers, python=python)):
+                records[owner].append(record)
     return {owner: [aot.reject_reason(r) for r in records[owner]] for owner in pending}, records
 
 
@@ -188,10 +212,9 @@ def _keep_least(least: dict, name: str, config: TileConfig, records) -> None:
         least[name] = (config, records)
 
 
-def no_spill_free_tile(config: TileConfig, records, tried: int) -> dict:
-    """The ``"no_spill_free_tile"`` value of an entry: the least-spilling tile tried, per launch."""
-    import triton
-
+def no_spill_free_tile(config: TileConfig, records, tried: int, tritons: str | None = None) -> dict:
+    """The ``"no_spill_free_tile"`` value of an entry: the least-spilling tile tried, per launch (``tritons``: the
+    Triton versions that compiled it, default this process's)."""
     return {
         "least_spilling": {
             "config": config.to_dict(),
@@ -204,7 +227,7 @@ def no_spill_free_tile(config: TileConfig, records, tried: int) -> dict:
             },
         },
         "configs_tried": tried,
-        "triton": triton.__version__,
+        "triton": tritons or triton_versions(),
     }
 
 
@@ -239,6 +262,7 @@ def _sort_out(name: str, config: TileConfig, reasons: list, records: list, state
 def verify_document(
     document: dict, target: str, dtypes: Iterable[str] = ("bfloat16",), workers: int = 2,
     variants: Iterable[str] = ("plain",), seeds: dict[str, TileConfig] | None = None,
+    pythons: Iterable[str | None] = (None,),
 ) -> list[str]:
     """Compile (and where rejected, shrink) the entries of ``document`` for ``target`` of ``dtypes``.
 
@@ -246,13 +270,13 @@ def verify_document(
     shipped before, some found by hand: regenerating keeps it where it still passes and nothing larger does).
 
     ``variants`` (names of ``aot_report.CHECKED_VARIANTS``): a config passes only if every launch of every one
-    of them compiles, fits, does not spill and uses the fast matrix instruction.  Updates entries in place
+    of them compiles, fits, does not spill and uses the fast matrix instruction, with the Triton of every one of
+    ``pythons`` (interpreters, None: this one; the oldest and newest supported Triton).  Updates entries in place
     (``config``, ``checked``, ``note``; ``variant_spills`` or ``no_spill_free_tile`` where nothing passes);
     returns one line per entry for a log.
     """
-    import triton
-
-    variants = ("plain", *(v for v in variants if v != "plain"))
+    variants, pythons = ("plain", *(v for v in variants if v != "plain")), tuple(pythons)
+    tritons = triton_versions(pythons)
     entries, log = _entries(document, dtypes), []
     queue = {name: {TileConfig.from_dict(document["tile_configs"][name]["config"]),
                     *([seeds[name]] if seeds and name in seeds else [])}
@@ -273,7 +297,7 @@ def verify_document(
         if not frontier:
             break
         pending = {(name, c): entries[name] for name, configs in frontier.items() for c in configs}
-        reasons, records = _round(pending, target, workers, variants)
+        reasons, records = _round(pending, target, workers, variants, pythons)
         for name, configs in frontier.items():
             tried[name].update(configs)
             failing = [c for c in configs if any(reasons[(name, c)])]
@@ -288,11 +312,11 @@ def verify_document(
             children = {child for c in failing for child in _children(c, entries[name][0], problems[c])}
             queue[name] = {c for c in queue[name] | children if c not in tried[name]
                            and (name not in passed or _preference(c) < _preference(passed[name][0]))}
-    log += [_ship(document, name, best, best_records, target, checked_with) for name, (best, best_records) in
-            passed.items()]
+    log += [_ship(document, name, best, best_records, target, checked_with, tritons)
+            for name, (best, best_records) in passed.items()]
     unresolved = first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}
     log += _small_tile_sweep(document, target, {name: entries[name] for name in unresolved}, workers, state, tried,
-                             variants)
+                             variants, pythons)
     least, fallback, plain_only = state["least"], state["fallback"], state["plain_only"]
     for name in first_rejection.keys() - {n for n, e in document["tile_configs"].items() if "checked" in e}:
         entry = document["tile_configs"][name]
@@ -304,7 +328,7 @@ def verify_document(
             )
             entry["config"] = config.to_dict()
             entry["checked"] = (
-                f"compiled with Triton {triton.__version__} for {target}{checked_with}: {_summary(records)}; no config "
+                f"compiled with Triton {tritons} for {target}{checked_with}: {_summary(records)}; no config "
                 f"with the fast matrix instruction avoided spills (first tried {first_rejection[name]}), so this is "
                 f"the largest non-spilling one; {', '.join(slow)}"
             )
@@ -316,7 +340,7 @@ def verify_document(
             entry["config"] = config.to_dict()
             entry["variant_spills"] = spills
             entry["checked"] = (
-                f"compiled with Triton {triton.__version__} for {target}{checked_with}: no config tried fits every "
+                f"compiled with Triton {tritons} for {target}{checked_with}: no config tried fits every "
                 f"variant (first tried {first_rejection[name]}); the plain kernels fit with this one and the other "
                 f"variants spill least: {_summary(records)}"
             )
@@ -326,9 +350,9 @@ def verify_document(
         if name in least:  # every config tried compiles but spills: ship none, say so (the backend refuses it)
             config, records = least[name]
             entry.pop("config")
-            entry["no_spill_free_tile"] = no_spill_free_tile(config, records, len(tried[name]))
+            entry["no_spill_free_tile"] = no_spill_free_tile(config, records, len(tried[name]), tritons)
             entry["checked"] = (
-                f"compiled with Triton {triton.__version__} for {target}: every one of {len(tried[name])} configs "
+                f"compiled with Triton {tritons} for {target}: every one of {len(tried[name])} configs "
                 f"tried spills (first tried {first_rejection[name]}); least: {config.short()}: {_summary(records)}; "
                 "no config ships, triton_flex refuses this kernel here"
             )
@@ -349,31 +373,35 @@ SMALL_TILES = tuple(TileConfig(m, n, num_warps=w, num_stages=1)
 
 
 def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str, str, int]], workers: int,
-                      state: dict | None = None, tried: dict | None = None, variants: Iterable[str] = ("plain",)
-                      ) -> list:
+                      state: dict | None = None, tried: dict | None = None, variants: Iterable[str] = ("plain",),
+                      pythons: Iterable[str | None] = (None,)) -> list:
     """Compile ``SMALL_TILES`` for entries nothing else passed; keep the largest that fits with the target's
     matrix instruction (with every variant).  ``state`` / ``tried``: updated as ``verify_document`` keeps them.
 
     The plain kernels of every small tile are compiled at once; the other variants one tile per entry at a time,
-    largest first, until one passes (so an entry compiles its mods for as few tiles as it can)."""
+    largest first, until one passes (so an entry compiles its mods for as few tiles as it can).  Tiles whose plain
+    kernels fit only with the slower matrix instruction come after the others, and are compiled with every variant
+    too before one becomes the entry's fallback."""
     if not entries:
         return []
     state = {"least": {}, "fallback": {}, "plain_only": {}} if state is None else state
     tried = {} if tried is None else tried
     variants = ("plain", *(v for v in variants if v != "plain"))
     pending = {(name, c): entry for name, entry in entries.items() for c in SMALL_TILES}
-    reasons, records = _compile_round(pending, target, workers)  # the plain kernels only
+    pythons = tuple(pythons)
+    reasons, records = _round(pending, target, workers, ("plain",), pythons)  # the plain kernels only
     queue: dict[str, list[TileConfig]] = {}
     for name in entries:
         tried.setdefault(name, set()).update(SMALL_TILES)
         for c in SMALL_TILES:
-            if any(reasons[(name, c)]):
+            if not _only_instruction_problem(reasons[(name, c)]):
                 _sort_out(name, c, reasons[(name, c)], records[(name, c)], state)
-        queue[name] = sorted((c for c in SMALL_TILES if not any(reasons[(name, c)])), key=_preference)
+        queue[name] = sorted((c for c in SMALL_TILES if _only_instruction_problem(reasons[(name, c)])),
+                             key=lambda c, name=name: (any(reasons[(name, c)]), _preference(c)))
     log, found = [], {}
     while any(queue.values()):
         batch = {(name, configs.pop(0)): entries[name] for name, configs in queue.items() if configs}
-        batch_reasons, batch_records = (_round(batch, target, workers, variants) if len(variants) > 1
+        batch_reasons, batch_records = (_round(batch, target, workers, variants, pythons) if len(variants) > 1
                                         else ({k: reasons[k] for k in batch}, {k: records[k] for k in batch}))
         for (name, c), config_reasons in batch_reasons.items():
             if not any(config_reasons):
@@ -381,19 +409,20 @@ def _small_tile_sweep(document: dict, target: str, entries: dict[str, tuple[str,
                 queue[name] = []
             else:
                 _sort_out(name, c, config_reasons, batch_records[(name, c)], state)
+                if _only_instruction_problem(config_reasons) and any(reasons[(name, c)]):
+                    queue[name] = []  # the largest slower-instruction tile fitting every variant: the fallback
     checked_with = f" ({len(variants)} variants: {', '.join(variants)})" if len(variants) > 1 else ""
-    return log + [_ship(document, name, best, best_records, target, checked_with, sweep=True)
-                  for name, (best, best_records) in found.items()]
+    return log + [_ship(document, name, best, best_records, target, checked_with, triton_versions(pythons),
+                        sweep=True) for name, (best, best_records) in found.items()]
 
 
-def _ship(document: dict, name: str, config: TileConfig, records, target: str, checked_with: str,
+def _ship(document: dict, name: str, config: TileConfig, records, target: str, checked_with: str, tritons: str,
           sweep: bool = False) -> str:
-    """Make ``config`` the entry's, with what its compile measured in ``checked``; returns the log line."""
-    import triton
-
+    """Make ``config`` the entry's, with what its compile measured (with Triton ``tritons``) in ``checked``; returns
+    the log line."""
     entry = document["tile_configs"][name]
     entry["config"] = config.to_dict()
-    entry["checked"] = (f"compiled with Triton {triton.__version__} for {target}{checked_with}: {_summary(records)}"
+    entry["checked"] = (f"compiled with Triton {tritons} for {target}{checked_with}: {_summary(records)}"
                         + (" (small-tile sweep: the shrink search found none)" if sweep else ""))
     return f"{target} {name}: {config.short()} fits" + (" (small-tile sweep)" if sweep else "")
 
@@ -416,7 +445,7 @@ def copy_checked(document: dict, source_dtype: str = "bfloat16", target_dtype: s
 
 
 def compile_copied(document: dict, target: str, dtype: str = "float16", workers: int = 2,
-                   variants: Iterable[str] = ("plain",)) -> list[str]:
+                   variants: Iterable[str] = ("plain",), pythons: Iterable[str | None] = (None,)) -> list[str]:
     """Compile the configs ``copy_checked`` gave ``dtype`` entries that hold ``variant_spills``, with every one
     of ``variants``: their ``variant_spills`` become what ``dtype`` spills (fp16 and bf16 need different
     registers: gfx1100 dK/dV at D=128 with relative_bias spills 54 VGPRs in bf16, 59 in fp16), and ``checked``
@@ -429,7 +458,7 @@ def compile_copied(document: dict, target: str, dtype: str = "float16", workers:
                for name, entry in entries.items()}
     if not pending:
         return []
-    _, all_records = _round(pending, target, workers, variants)
+    _, all_records = _round(pending, target, workers, variants, tuple(pythons))
     log = []
     for (name, _config), records in all_records.items():
         entry = document["tile_configs"][name]

@@ -30,7 +30,7 @@ from ...capabilities import ARCHS, ArchInfo
 from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 
-FORMAT_VERSION = 1  # bump when the record or its cache key changes meaning
+FORMAT_VERSION = 2  # bump when the record or its cache key changes meaning (2: compiled as a launch specialises)
 MAX_SPILL_BYTES = 0  # a shipped config may not spill at all (registers to local memory / scratch)
 #: Kernels with no ``tl.dot`` (row-wise reductions): no matrix instruction is expected of them.
 KERNELS_WITHOUT_DOT = frozenset({"bwd_preprocess", "decode_reduce"})
@@ -50,6 +50,8 @@ class AotJob:
     fn_ref: tuple[str, str, str]  # (module, file, function name): the worker imports it from there
     signature: dict = field(hash=False, compare=False)
     constexprs: dict = field(hash=False, compare=False)
+    #: per runtime argument, how a launch on the device specialises it ("1", "D" or ""; ``kernels.launch_specialization``)
+    specialization: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def arch(self) -> ArchInfo:
@@ -65,6 +67,7 @@ class AotJob:
             "ref": self.fn_ref,
             "signature": self.signature,
             "constexprs": self.constexprs,
+            "specialization": self.specialization,
             "target": self.arch.triton_target,
             "options": self.options(),
         }
@@ -74,16 +77,18 @@ class AotJob:
         refs = [v for v in self.constexprs.values() if isinstance(v, tuple) and v[:1] == (JIT_MARKER,)]
         return [self.fn_ref[1], *(ref[2] for ref in refs)]
 
-    def cache_key(self) -> str:
+    def cache_key(self, triton_version: str | None = None) -> str:
+        """The record's cache key when compiled with Triton ``triton_version`` (default: this process's)."""
         constants = sorted((str(k), repr(v)) for k, v in self.constexprs.items())
         parts = [
             FORMAT_VERSION,
-            aot_cache.triton_version(),
+            triton_version or aot_cache.triton_version(),
             aot_cache.source_hash(self.source_files()),
             self.fn_ref[0],
             self.fn_ref[2],
             sorted(self.signature.items()),
             constants,
+            sorted(self.specialization.items()),
             sorted(self.options().items()),
             self.arch.triton_target,
         ]
@@ -192,8 +197,9 @@ def reject_reason(record: AotRecord, arch: ArchInfo | None = None) -> str | None
     return "; ".join(reasons) if reasons else None
 
 
-def record_from_result(job: AotJob, result: dict) -> AotRecord:
-    """The record of ``job`` from the worker's raw ``result``, with fit and reason decided from ARCHS."""
+def record_from_result(job: AotJob, result: dict, triton_version: str | None = None) -> AotRecord:
+    """The record of ``job`` from the worker's raw ``result`` (compiled with Triton ``triton_version``, default this
+    process's), with fit and reason decided from ARCHS."""
     resources = {k: v for k, v in result.items() if k in {f.name for f in fields(AotRecord)}}
     record = AotRecord(
         kernel=job.kernel,
@@ -205,7 +211,7 @@ def record_from_result(job: AotJob, result: dict) -> AotRecord:
         head_dim_v=job.head_dim_v,
         smem_limit=job.arch.smem_per_block,
         register_limit=job.arch.max_regs_per_thread,
-        triton_version=aot_cache.triton_version(),
+        triton_version=triton_version or aot_cache.triton_version(),
         expected_matrix_instr=_expected_matrix_instr(job.kernel, job.dtype, job.arch),
         **resources,
     )
@@ -234,22 +240,25 @@ def portable_constexprs(constexprs: dict) -> dict:
 
 
 def compile_jobs(
-    jobs: list[AotJob], workers: int | None = None, use_cache: bool = True, progress=None
+    jobs: list[AotJob], workers: int | None = None, use_cache: bool = True, progress=None, python: str | None = None
 ) -> list[AotRecord]:
     """Records of ``jobs`` in order: cached ones read from disk, the rest compiled in parallel and cached.
 
     ``workers``: compile processes (default: the usable CPUs); ``progress(done, total)`` while compiling.
+    ``python``: the interpreter the workers run (default: this one), so its environment's Triton compiles; records
+    are cached per Triton version and say which one compiled them (``triton_version``).
     """
-    keys = [job.cache_key() for job in jobs]  # before compiling: sources may change while it runs
-    results = [aot_cache.load(job.target, key) if use_cache else None for job, key in zip(jobs, keys)]
+    version = aot_cache.triton_version(python)
+    keys = [job.cache_key(version) for job in jobs]  # before compiling: sources may change while it runs
+    results = [aot_cache.load(job.target, key, version) if use_cache else None for job, key in zip(jobs, keys)]
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
-        fresh = compile_in_workers([jobs[i].payload() for i in missing], workers, progress)
+        fresh = compile_in_workers([jobs[i].payload() for i in missing], workers, progress, python)
         for i, result in zip(missing, fresh):
             results[i] = result
             if not result.pop("transient", False):
-                aot_cache.store(jobs[i].target, keys[i], result)
-    return [record_from_result(job, result) for job, result in zip(jobs, results)]
+                aot_cache.store(jobs[i].target, keys[i], result, version)
+    return [record_from_result(job, result, version) for job, result in zip(jobs, results)]
 
 
 # --- the triton_flex kernels -------------------------------------------------------------------------
@@ -294,7 +303,7 @@ def make_job(
         flags.pop("accumulate", None), flags.pop("has_dlse", None)
     elif kernel == "bwd_preprocess":  # launched with its own config, whatever the backward's tiles
         config = kernels.PREPROCESS_CONFIG
-    jit_fn, signature, constexprs = entry(
+    jit_fn, signature, constexprs, specialization = entry(
         kernel, generated, torch_dtype, head_dim, head_dim_v, config, **flags
     )
     return AotJob(
@@ -308,6 +317,7 @@ def make_job(
         fn_ref=fn_ref(jit_fn),
         signature=dict(signature),
         constexprs=portable_constexprs(constexprs),
+        specialization=dict(specialization),
     )
 
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -22,10 +23,14 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @functools.cache
-def triton_version() -> str:
-    import triton
+def triton_version(python: str | None = None) -> str:
+    """The Triton version of this process, or of the Python interpreter ``python`` (another environment)."""
+    if python is None:
+        import triton
 
-    return triton.__version__
+        return triton.__version__
+    command = [python, "-c", "import triton; print(triton.__version__)"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
 @functools.lru_cache(maxsize=256)
@@ -51,26 +56,26 @@ def source_hash(kernel_files: list[str]) -> str:
     return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
 
 
-def cache_dir() -> Path:
-    """Where compile records live: ``cache_root()/aot/triton-<version>/``."""
-    return cache_root() / "aot" / f"triton-{triton_version()}"
+def cache_dir(version: str | None = None) -> Path:
+    """Where compile records of Triton ``version`` (default: this process's) live: ``cache_root()/aot/triton-<v>/``."""
+    return cache_root() / "aot" / f"triton-{version or triton_version()}"
 
 
-def path(target: str, key: str) -> Path:
-    return cache_dir() / target / f"{key}.json"
+def path(target: str, key: str, version: str | None = None) -> Path:
+    return cache_dir(version) / target / f"{key}.json"
 
 
-def load(target: str, key: str) -> dict | None:
+def load(target: str, key: str, version: str | None = None) -> dict | None:
     """The cached record of ``key`` for ``target``, or None when missing or corrupt (compile again)."""
     try:
-        return json.loads(path(target, key).read_text())
+        return json.loads(path(target, key, version).read_text())
     except (OSError, ValueError):
         return None
 
 
-def store(target: str, key: str, result: dict) -> None:
+def store(target: str, key: str, result: dict, version: str | None = None) -> None:
     """Write ``result`` atomically; an unwritable cache costs a recompile next time, never a failure."""
-    destination = path(target, key)
+    destination = path(target, key, version)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=destination.parent, suffix=".tmp", delete=False) as tmp:

@@ -42,6 +42,7 @@ from .kernels import (
     Launch,
     head_constexprs,
     launch_signature,
+    launch_specialization,
     mask_strides,
     mod_constexprs,
     padded,
@@ -245,9 +246,9 @@ def decode_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 
 def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_dim_v: int, config: TileConfig,
               *, seq_divisible: bool = True, write_lse: bool = True, gqa: bool = False,
-              **_ignored) -> tuple[object, dict[str, str | tuple], dict]:
-    """(jit_fn, signature, constexprs) of a decoding launch, as ``kernels.aot_entry``; BLOCK_M is the config's
-    ``block_m`` (one decoding query of a GQA group of up to ``block_m`` heads)."""
+              **_ignored) -> tuple[object, dict[str, str | tuple], dict, dict]:
+    """(jit_fn, signature, constexprs, specialization) of a decoding launch, as ``kernels.aot_entry``; BLOCK_M is
+    the config's ``block_m`` (one decoding query of a GQA group of up to ``block_m`` heads)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
     meta = torch.device("meta")
@@ -265,4 +266,4 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
         launch = decode_launch(q, k, v, part, rows, buffers, lists, 1.0, generated, config, 2)
     else:
         launch = reduce_launch(part, rows, out, rows[0], 2, write_lse)
-    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs)
+    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs), launch_specialization(launch)

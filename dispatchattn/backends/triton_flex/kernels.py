@@ -568,10 +568,28 @@ def launch_signature(launch: Launch) -> dict[str, str | tuple]:
     return {name: signature[name] for name in launch.jit_fn.arg_names}
 
 
+def launch_specialization(launch: Launch) -> dict[str, str | tuple]:
+    """How Triton's launcher specialises each runtime argument: "1" (an int equal to 1, compiled in as a constant),
+    "D" (a tensor, 16-byte aligned as torch allocates it, or an int divisible by 16), "" (neither); a tuple argument
+    (the captured tensors) as the tuple of its elements' kinds."""
+    def kind(value) -> str | tuple:
+        if isinstance(value, (tuple, list)):  # the captured tensors (``BUFS`` / ``GBUFS``): each element alike
+            return tuple(kind(element) for element in value)
+        if isinstance(value, torch.Tensor):
+            return "D"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return ""
+        return "1" if value == 1 else "D" if value % 16 == 0 else ""
+
+    names = [n for n in launch.jit_fn.arg_names if n not in launch.constexprs]
+    return {name: kind(value) for name, value in zip(names, launch.args)}
+
+
 def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_dim_v: int, config: TileConfig,
               *, seq_divisible: bool = True, write_lse: bool = True, accumulate: bool | None = None,
-              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str | tuple], dict]:
-    """(jit_fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs), target)``.
+              has_dlse: bool = False, gqa: bool = False) -> tuple[object, dict[str, str | tuple], dict, dict]:
+    """(jit_fn, signature, constexprs, specialization) for ``triton.compile(ASTSource(fn, signature, constexprs),
+    target)``; ``specialization`` (``launch_specialization``) is what a launch on the device adds to them.
 
     ``kernel`` is a key of ``KERNELS``; ``generated`` comes from ``codegen.generate(score_mod, mask_mod)``
     (``generate(None, None)`` for the plain kernel).  Needs a real ``triton.jit`` (TRITON_INTERPRET unset).
@@ -600,4 +618,4 @@ def aot_entry(kernel: str, generated, dtype: torch.dtype, head_dim: int, head_di
         "bwd_dq": lambda: dq_launch(q, k, v, out, rows, rows, q, buffers, grads, lists, 1.0, generated, config,
                                     accumulate),
     }[kernel]()
-    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs)
+    return launch.jit_fn, launch_signature(launch), dict(launch.constexprs), launch_specialization(launch)
