@@ -58,10 +58,11 @@ def test_any_number_of_captured_tensors_becomes_one_tuple_argument():
     assert codegen.unsupported_reason(score_mod, None, "cpu") is None
     generated = codegen.generate(score_mod, None)
     assert len(generated.buffers) == 9 and "_load(bufs[8], " in generated.path.read_text()
-    _, signature, _ = kernels.aot_entry("fwd", generated, torch.float16, 32, 32, TileConfig(32, 32))
+    _, signature, _, specialization = kernels.aot_entry("fwd", generated, torch.float16, 32, 32, TileConfig(32, 32))
+    assert specialization["BUFS"] == ("D",) * 9  # each captured tensor aligned, as a launch on the device marks it
     assert signature["BUFS"] == ("*fp32", "*i32", "*bf16") * 3
-    _, signature, _ = kernels.aot_entry("bwd_dq", codegen.generate(None, None), torch.float16, 32, 32,
-                                        TileConfig(32, 32))
+    _, signature, _, _ = kernels.aot_entry("bwd_dq", codegen.generate(None, None), torch.float16, 32, 32,
+                                           TileConfig(32, 32))
     assert signature["BUFS"] == () and signature["GBUFS"] == ()
 
 
@@ -136,7 +137,9 @@ def test_aot_entry_describes_every_argument(kernel):
     assert list(signature) == list(jit_fn.arg_names)
     assert {n for n, t in signature.items() if t == "constexpr"} == set(constexprs)
     assert list(specialization) == [n for n in signature if n not in constexprs]
-    assert set(specialization.values()) <= {"D", "1", ""}
+    tuples = {name: kind for name, kind in specialization.items() if isinstance(kind, tuple)}
+    assert {kind for kind in specialization.values() if not isinstance(kind, tuple)} <= {"D", "1", ""}
+    assert all(len(kind) == len(signature[name]) and set(kind) <= {"D"} for name, kind in tuples.items())
     if kernel != "bwd_preprocess":
         assert constexprs["D_PAD"] == 128 and constexprs["HEAD_DIM"] == 72 and constexprs["EVEN_N"] is False
         assert signature["BUFS"] == ("*fp32",) and signature["Q"] == "*bf16"

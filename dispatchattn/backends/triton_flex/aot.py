@@ -50,7 +50,7 @@ class AotJob:
     fn_ref: tuple[str, str, str]  # (module, file, function name): the worker imports it from there
     signature: dict = field(hash=False, compare=False)
     constexprs: dict = field(hash=False, compare=False)
-    #: per runtime argument, how a launch on the device specialises it ("1", "D" or ""; ``kernels.launch_specialization``)
+    #: per runtime argument, how a launch on the device specialises it: ``kernels.launch_specialization``
     specialization: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
