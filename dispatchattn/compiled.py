@@ -135,6 +135,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
     policy = _policy(policy)
     decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
+    decision = _launchable_library(spec, caps, policy, decision, tensors[0].device)
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
         decision, runner = _triton_flex_ops(spec, caps, policy, decision, tensors[0].device)
@@ -173,6 +174,49 @@ def _policy(settings: tuple) -> Policy:
     if settings[0] == "context":
         return Policy(settings[1], settings[2])
     return current_policy(settings[1])
+
+
+#: Library backends whose call is tried once while tracing (``_launchable_library``).
+PROBED_LIBRARIES = ("flash", "xformers", "sdpa")
+
+
+def _launchable_library(spec, caps, policy: Policy, decision: Decision, device) -> Decision:
+    """While tracing, call a chosen library backend (flash-attn, xFormers, SDPA) once, on inputs of the call's
+    shapes with one batch row (random values, the mods' structural twins): a library that refuses the call does so
+    here, where the failure is recorded and the next backend chosen (or, forced, ``UnsupportedError`` raised),
+    rather than inside the graph.  The forward only: a backward that refuses inside a graph raises there (eager
+    calls take the next backend)."""
+    while decision.backend in PROBED_LIBRARIES:
+        make = dict(dtype=spec.dtype, device=device)
+        shapes = ((spec.heads_q, spec.seq_q, spec.head_dim), (spec.heads_kv, spec.seq_kv, spec.head_dim),
+                  (spec.heads_kv, spec.seq_kv, spec.head_dim_v))
+        q, k, v = (torch.randn(1, h, s, d, **make) for h, s, d in shapes)  # one batch row: refusals are per row
+        if spec.layout == "bshd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        attn_mask = None
+        if spec.attn_mask is not None:
+            kind, shape = spec.attn_mask
+            shape = (1, *shape[1:])  # the spec's mask shape is 4-D, broadcast dims as 1
+            attn_mask = (torch.ones(shape, dtype=torch.bool, device=device) if kind == "bool"
+                         else torch.zeros(shape, **make))
+        mask = spec.mask.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.mask, MaskMod) else spec.mask
+        score = spec.score.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.score, ScoreMod) else spec.score
+        call = AttentionCall(q, k, v, attn_mask, mask, score, spec.scale or 1.0 / math.sqrt(spec.head_dim), 0.0,
+                             spec.is_causal, spec.heads_q != spec.heads_kv, spec.return_lse, spec.layout)
+        try:
+            with torch.no_grad():
+                get_backend(decision.backend).run(call, spec, decision.config)
+            return decision
+        except Exception as error:  # only a launch failure is handled; anything else is the graph's to raise
+            why = failures.launch_failure(error)
+            if why is None:
+                return decision
+            failures.record(caps, failures.backend_key(decision.backend, "fwd", spec), why)
+            if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+                raise UnsupportedError(f"dispatchattn: {decision.backend} was forced ({policy.source}) and could "
+                                       f"not launch on {decision.device}: {why}", decision) from error
+            decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
+    return decision
 
 
 def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):

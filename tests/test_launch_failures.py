@@ -8,6 +8,7 @@ RuntimeError from SDPA.  Every numeric check is against the float64 oracle (test
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -440,3 +441,29 @@ def test_compiled_graph_is_traced_again_after_a_backend_failed_inside_it(monkeyp
         assert (out.double() - want).abs().max() < ATOL
     decision = getattr(da.compiled.DECIDED, f"d{da.compiled.DECIDED.count - 1}")[1]
     assert decision.backend == "reference" and "could not launch" in decision.reasons["triton_flex"][0]
+
+
+def test_compiled_library_refusal_is_met_while_tracing(monkeypatch, _cache_dir):
+    """SDPA refusing the call (a double for cuDNN with no kernel): met while the graph is traced, so the graph holds
+    the next backend; forced, the trace raises UnsupportedError."""
+    _refusing_sdpa(monkeypatch)
+    torch._dynamo.reset()
+    q, k, v = _inputs(20)
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, is_causal=True)
+
+    out = torch.compile(fn, fullgraph=True)(q, k, v)
+    want, _, _ = _oracle(q, k, v, lambda b, h, i, j: j <= i)
+    assert (out.double() - want).abs().max() < ATOL
+    decision = getattr(da.compiled.DECIDED, f"d{da.compiled.DECIDED.count - 1}")[1]
+    assert decision.backend != "sdpa" and "No available kernel" in str(decision)
+    forced = torch.compile(lambda q, k, v: da.attention(q, k, v, is_causal=True, backend="sdpa"), fullgraph=True)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?s)forced backend cannot run this call.*No available kernel"):
+        forced(q, k, v)  # refused at selection: the failure is on record
+    shutil.rmtree(_cache_dir)
+    failures.clear_memory()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="sdpa was forced .* could not launch .* No available kernel"):
+        forced(q, k, v)  # met while tracing
