@@ -345,38 +345,6 @@ def compile_report(
     return compile_jobs([job], workers=1, use_cache=use_cache)[0]
 
 
-def check_config(
-    kernel: str,
-    config: TileConfig,
-    target: str,
-    dtype: str | torch.dtype,
-    head_dim: int,
-    head_dim_v: int | None = None,
-    *,
-    cached_only: bool = False,
-    **kwargs,
-) -> AotRecord | None:
-    """The measured record of ``config`` for ``kernel`` on ``target`` (plain variant unless mods are given).
-
-    ``kernel`` is a launch kernel ("fwd", "bwd_dkdv", "decode", ...) or the autotuned "bwd" / "decode", whose
-    config drives all three backward launches (both decoding launches): then the first launch that does not fit
-    is returned (else the first launch's).
-    ``record.fits`` says whether the config may ship there; ``reject_reason(record)`` says why not.
-    ``cached_only=True`` never compiles (for explanations on the hot path): None when nothing is cached.
-    """
-    launches = {"bwd": ("bwd_dkdv", "bwd_dq", "bwd_preprocess"), "decode": ("decode", "decode_reduce")}.get(
-        kernel, (kernel,))
-    jobs = [make_job(k, config, target, dtype, head_dim, head_dim_v, **kwargs) for k in launches]
-    if cached_only:
-        cached = [aot_cache.load(job.target, job.cache_key()) for job in jobs]
-        if any(result is None for result in cached):
-            return None
-        records = [record_from_result(job, result) for job, result in zip(jobs, cached)]
-    else:
-        records = compile_jobs(jobs, workers=len(jobs))
-    return next((r for r in records if not r.fits), records[0])
-
-
 def add_aot_parser(subparsers):
     """``python -m dispatchattn aot``: see ``aot_report.add_aot_parser``."""
     from .aot_report import add_aot_parser as add
