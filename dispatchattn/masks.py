@@ -251,8 +251,11 @@ class Document(MaskMod):
             n_tiles = -(-seq // block)
             pad = n_tiles * block - seq
             part = ids[:, :seq]
-            lo = torch.nn.functional.pad(part, (0, pad), value=torch.iinfo(torch.int64).max)
-            hi = torch.nn.functional.pad(part, (0, pad), value=torch.iinfo(torch.int64).min)
+
+            def padded(fill: int) -> torch.Tensor:  # not F.pad: its fill value is a double (int64 extremes overflow)
+                return torch.cat([part, torch.full((part.shape[0], pad), fill, dtype=torch.int64)], dim=1)
+
+            lo, hi = padded(torch.iinfo(torch.int64).max), padded(torch.iinfo(torch.int64).min)
             return lo.view(-1, n_tiles, block).amin(-1), hi.view(-1, n_tiles, block).amax(-1)
 
         q_min, q_max = tile_min_max(block_m, seq_q)
