@@ -212,7 +212,7 @@ def _launchable_library(spec, caps, policy: Policy, decision: Decision, device) 
             if why is None:
                 return decision
             failures.record(caps, failures.backend_key(decision.backend, "fwd", spec), why)
-            if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+            if policy.only(decision.backend):
                 raise UnsupportedError(f"dispatchattn: {decision.backend} was forced ({policy.source}) and could "
                                        f"not launch on {decision.device}: {why}", decision) from error
             decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
@@ -244,7 +244,7 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
         why = f"triton_flex could not launch on this device: {error}"
     except ValueError as error:
         why = f"inside torch.compile triton_flex runs through its custom ops, which cannot run this call: {error}"
-    if policy.allowed == ("triton_flex",):
+    if policy.only("triton_flex"):
         raise UnsupportedError(f"dispatchattn: {why}", decision)
     order = tuple(name for name in (policy.allowed or decision.priority) if name != "triton_flex")
     fallback = select_cached(spec, caps, Policy(order, f"{policy.source}; {why}"),

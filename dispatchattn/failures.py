@@ -20,6 +20,8 @@ decides again with the failure in view and its explanation says so.
 from __future__ import annotations
 
 import datetime
+import functools
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -134,13 +136,17 @@ def _header(caps) -> dict:
 
 
 def path_for(caps) -> Path:
-    """The failures file of ``caps``'s device: beside its tile-config files."""
-    import re
-
+    """The failures file of ``caps``'s device: beside its tile-config files (``DISPATCHATTN_CACHE_DIR`` read now)."""
     from .paths import cache_root
 
-    device = re.sub(r"[^a-z0-9_.]+", "-", f"{caps.arch or caps.vendor}-{caps.device_name}".lower()).strip("-")
-    return cache_root() / "autotune" / (device or "unknown") / FILE_NAME
+    return _path_under(cache_root(), caps.arch or caps.vendor, caps.device_name)
+
+
+@functools.lru_cache(maxsize=64)
+def _path_under(root: Path, arch: str, device_name: str) -> Path:
+    """Every launch of the Triton flex kernel looks its config up: the file name is built once per device."""
+    device = re.sub(r"[^a-z0-9_.]+", "-", f"{arch}-{device_name}".lower()).strip("-")
+    return root / "autotune" / (device or "unknown") / FILE_NAME
 
 
 def lookup(caps, record_key: str) -> dict | None:

@@ -33,7 +33,7 @@ def after_launch_failure(error: Exception, why: str, spec: AttentionSpec, decisi
     caps = capabilities.probe(device)
     failures.record(caps, failures.backend_key(decision.backend, "fwd", spec), why)
     policy = current_policy(backend)
-    if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+    if policy.only(decision.backend):
         raise _unsupported(decision.backend, why, decision, policy) from error
     return rerun()
 
@@ -47,7 +47,7 @@ def backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: At
         why = failures.launch_failure(failure) or str(failure)
         failures.record(caps, failures.backend_key(decision.backend, "bwd", spec), why)
         policy = current_policy(backend)
-        if policy.allowed is not None and not [n for n in policy.allowed if n != decision.backend]:
+        if policy.only(decision.backend):
             raise _unsupported(f"{decision.backend}'s backward", why, decision, policy) from failure
         if spec.dropout_p > 0:  # a second forward would draw another dropout mask: its gradients are not these
             raise UnsupportedError(f"dispatchattn: {decision.backend}'s backward could not launch on "

@@ -36,6 +36,10 @@ class Policy:
     allowed: tuple[str, ...] | None = None
     source: str = "default"  # "backend=", "DISPATCHATTN_BACKEND", "use_backends", "default"
 
+    def only(self, name: str) -> bool:
+        """Whether ``name`` is the one backend allowed (nothing to fall back to when it cannot launch)."""
+        return self.allowed is not None and all(allowed == name for allowed in self.allowed)
+
     def __post_init__(self):
         for name in self.allowed or ():
             if name not in BACKEND_NAMES:
