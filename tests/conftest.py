@@ -14,7 +14,8 @@ pytest_plugins = ["gpu_tier"]
 #: one: tracing under torch.compile, the transformers integration, selection and validation, every backend on the
 #: catalogue (the Triton kernel through the interpreter, small sizes), and the version checks.
 COMPAT_FILES = frozenset({"test_compile.py", "test_transformers.py", "test_selector.py", "test_validation.py",
-                          "test_catalogue.py", "test_versions.py", "test_launch_failures.py", "test_selftest.py"})
+                          "test_catalogue.py", "test_versions.py", "test_launch_failures.py", "test_selftest.py",
+                          "test_triton_flex_codegen.py", "test_triton_flex_captures.py"})
 
 
 def pytest_collection_modifyitems(items):

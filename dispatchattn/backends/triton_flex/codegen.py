@@ -97,7 +97,8 @@ def trace(mod: Callable, kind: str, device: torch.device | str | None = None) ->
             inputs = _trace_inputs(kind, _trace_device(device))
             gm = make_fx(mod, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
         except Exception as error:  # noqa: BLE001 - any tracing failure is a refusal reason
-            if "DeviceMismatch" in type(error).__name__:
+            # torch >= 2.13 raises a DeviceMismatch error; torch 2.11 a RuntimeError naming "two different devices"
+            if "DeviceMismatch" in type(error).__name__ or "different devices" in str(error):
                 raise Unsupported(f"{kind} reads a captured tensor on another device than the attention inputs "
                                   f"({error}); move it to the inputs' device") from error
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
