@@ -45,8 +45,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dispatchattn as da  # noqa: E402
-from dispatchattn.autotune_cache.config import TileConfig  # noqa: E402
 from dispatchattn.backends.triton_flex.autograd import triton_flex_attention  # noqa: E402
+from dispatchattn.tuning.config import TileConfig  # noqa: E402
 
 
 def _documents(seq: int, count: int, device) -> torch.Tensor:

@@ -62,7 +62,7 @@ def _forget_decisions() -> None:
     clear_memo()
     select_cached.cache_clear()
     try:
-        from .autotune_cache import clear_memo as clear_config_memo
+        from .tuning import clear_memo as clear_config_memo
     except ImportError:  # pragma: no cover - the config cache is optional
         return
     clear_config_memo()

@@ -25,7 +25,7 @@ DTYPES = {
 # Subcommands implemented next to the code they drive: name -> (module, add-parser fn, run fn).
 _EXTERNAL = {
     "aot": ("dispatchattn.backends.triton_flex.aot", "add_aot_parser", "run_aot"),
-    "tune": ("dispatchattn.autotune_cache.cli", "add_tune_parser", "run_tune"),
+    "tune": ("dispatchattn.tuning.cli", "add_tune_parser", "run_tune"),
     "selftest": ("dispatchattn.tools.selftest", "add_selftest_parser", "run_selftest"),
 }
 

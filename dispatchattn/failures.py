@@ -162,7 +162,7 @@ def lookup(caps, record_key: str) -> dict | None:
             return hit
         loaded = _loaded.get(where)
     if loaded is None and path is not None:
-        from .autotune_cache import store
+        from .tuning import store
 
         try:
             loaded = dict(store.load(path, _header(caps), SECTION).entries)
@@ -180,7 +180,7 @@ def record(caps, record_key: str, message: str) -> dict:
     entry = {"message": message, "when": now}
     try:
         path = path_for(caps)
-        from .autotune_cache import store
+        from .tuning import store
 
         status = store.put(path, record_key, entry, _header(caps), SECTION)
     except Exception as error:  # noqa: BLE001 - an unwritable record costs a retry in the next process only

@@ -21,12 +21,12 @@ from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 
-from dispatchattn.autotune_cache import shipped  # noqa: E402
-from dispatchattn.autotune_cache.config import TileConfig  # noqa: E402
 from dispatchattn.backends.triton_flex import aot, aot_cache, aot_report  # noqa: E402
 from dispatchattn.backends.triton_flex.backend import TritonFlexBackend, decoding, spill_refusals  # noqa: E402
 from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps  # noqa: E402
 from dispatchattn.spec import AttentionSpec  # noqa: E402
+from dispatchattn.tuning import shipped  # noqa: E402
+from dispatchattn.tuning.config import TileConfig  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")
 #: Launches that do not read the mods: compiled for the plain variant only.
@@ -195,7 +195,7 @@ def test_shipped_default_compiles_fits_and_uses_matrix_instructions(
 def test_config_space_is_pruned_to_configs_that_fit(tune_kernel, target):
     """The whole autotune space at bf16 D=128 compiles, fits and does not spill: on every target but gfx1100 the
     static estimate pruned it; on gfx1100 (no estimate predicts RDNA3's spills) it is the configs that compiled
-    without a spill (``autotune_cache/measured_space``)."""
+    without a spill (``tuning/measured_space``)."""
     jobs = aot_report.plan([target], [(None, None)], ["bf16"], [128], list(aot_report.LAUNCHES[tune_kernel]),
                            source="space")  # fmt: skip
     assert jobs
@@ -257,8 +257,9 @@ def test_kernel_without_a_spill_free_tile_is_refused(target, tune_kernel, dtype,
 def test_a_config_tuned_on_the_device_lifts_the_refusal(monkeypatch, tmp_path):
     """A user-cache entry (tuned on that GPU: timed there) for a refused kernel lets triton_flex run it, with the
     tuned config; the refusal stays for the other dtype, which nothing tuned."""
-    from dispatchattn.autotune_cache import select, store
-    from dispatchattn.autotune_cache.key import make_key
+    from dispatchattn.tuning import lookup as select
+    from dispatchattn.tuning import store
+    from dispatchattn.tuning.key import make_key
 
     monkeypatch.setenv("DISPATCHATTN_CACHE_DIR", str(tmp_path / "cache"))
     select.clear_memo()
@@ -313,7 +314,7 @@ CHECKED_WITH_BOTH_TRITONS = ("sm_90",)
 @pytest.mark.parametrize("target", CHECKED_WITH_BOTH_TRITONS)
 def test_compile_check_covers_the_catalogue_variants(target):
     """The shipped tiles were checked with every variant the tests compile, under Triton 3.6 and 3.9."""
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     assert tuple(aot_report.CHECKED_VARIANTS) == verify.ALL_VARIANTS
     checked = shipped.load_target(target)["produced"]["checked_by_dtype"]
@@ -342,7 +343,7 @@ def _fake_variant_round(calls: list):
     32x32, and the backward's dK/dV at D=128 spills with alibi on every tile (4 VGPRs with 8 warps, else 9)."""
     from types import SimpleNamespace
 
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     def fake_round(pending, target, workers, variants=("plain",)):
         calls.append(tuple(variants))
@@ -369,7 +370,7 @@ def _fake_variant_round(calls: list):
 def test_compile_check_picks_tiles_that_fit_every_variant(monkeypatch):
     """A tile must fit with every variant: relative_bias pushes the forward from 64x64 down to 32x32; where one
     variant spills on every tile but the plain kernels fit, the least-spilling tile ships with its spills named."""
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     calls: list = []
     monkeypatch.setattr(verify, "_compile_round", _fake_variant_round(calls))
@@ -399,7 +400,7 @@ def test_compile_check_picks_tiles_that_fit_every_variant(monkeypatch):
 def test_compile_check_keeps_the_previously_shipped_tile_where_it_still_fits(monkeypatch):
     """A seed (the tile the file shipped before, some found by hand) is tried in the first round with the
     heuristic's: where the heuristic's spills and the seed fits every variant, the seed ships, unshrunk."""
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
     document = shipped.heuristic_document("gfx1100")
@@ -416,7 +417,7 @@ def test_compile_check_keeps_the_previously_shipped_tile_where_it_still_fits(mon
 def test_compile_check_searches_best_first_and_never_compiles_a_config_twice(monkeypatch):
     """A seed that passes gives way to a larger config that passes too (the search goes on while something
     preferred is queued), and no (entry, config) is compiled twice."""
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     fake, compiled = _fake_variant_round([]), []
 
@@ -439,7 +440,7 @@ def test_compile_check_searches_best_first_and_never_compiles_a_config_twice(mon
 def test_compile_check_with_two_tritons_ships_only_what_fits_under_both(monkeypatch):
     """Each round compiles under every interpreter's Triton: a tile one of them rejects does not ship, and the entry
     says which Tritons compiled it."""
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     fake, seen = _fake_variant_round([]), []
 
@@ -468,7 +469,7 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
     ``variants_checked`` the variants every dtype was."""
     import json
 
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
     shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"])
@@ -509,7 +510,7 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
 def test_the_config_source_names_the_mods_its_tile_spills_with(dtype):
     """Where the shipped tile spills with some checked mods (``VARIANT_SPILLS``), the config's source sentence (what
     explain prints) names them with what they spill and how to get a tile that fits."""
-    from dispatchattn.autotune_cache import select
+    from dispatchattn.tuning import lookup as select
 
     select.clear_memo()
     cases = {(t, TUNE_KERNEL.get(launch, "bwd"), d) for t, _v, launch, d, dt in VARIANT_SPILLS if dt == dtype}

@@ -1,6 +1,6 @@
 """The tile-config cache file under concurrent writers and readers (8 spawned processes).
 
-``dispatchattn.autotune_cache.store`` depends only on the standard library and ``filelock``; the workers
+``dispatchattn.tuning.store`` depends only on the standard library and ``filelock``; the workers
 load it from its file so they start without importing torch (this module imports no torch either).
 """
 
@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-STORE_FILE = Path(__file__).resolve().parents[1] / "dispatchattn" / "autotune_cache" / "store.py"
+STORE_FILE = Path(__file__).resolve().parents[1] / "dispatchattn" / "tuning" / "store.py"
 WRITERS = 8
 KEYS_PER_WRITER = 6
 SHARED_KEYS = 4

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.autotune_cache import (
+from dispatchattn.capabilities import DeviceCaps, pretend
+from dispatchattn.spec import AttentionSpec
+from dispatchattn.tuning import (
     INTERPRETER_SOURCE,
     TileConfig,
     candidates_for,
@@ -23,13 +25,13 @@ from dispatchattn.autotune_cache import (
     shipped,
     store,
     tune,
-    tuning,
     user_cache_path,
 )
-from dispatchattn.autotune_cache import cli as tune_cli
-from dispatchattn.autotune_cache import select as select_module
-from dispatchattn.capabilities import DeviceCaps, pretend
-from dispatchattn.spec import AttentionSpec
+from dispatchattn.tuning import cli as tune_cli
+from dispatchattn.tuning import lookup as select_module
+from dispatchattn.tuning import (
+    measure as tuning,
+)
 
 H100 = DeviceCaps.synthetic("sm_90")
 MI300 = DeviceCaps.synthetic("gfx942")

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.autotune_cache import (
+from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps
+from dispatchattn.spec import AttentionSpec
+from dispatchattn.tuning import (
     TileConfig,
     config_space,
     estimate_resources,
@@ -17,15 +19,13 @@ from dispatchattn.autotune_cache import (
     shipped,
     why_config_invalid,
 )
-from dispatchattn.autotune_cache import key as key_module
-from dispatchattn.autotune_cache.space import (
+from dispatchattn.tuning import key as key_module
+from dispatchattn.tuning.space import (
     SHARED_OVERHEAD,
     heuristic_config_and_note,
     table_config,
     why_config_cannot_launch,
 )
-from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps
-from dispatchattn.spec import AttentionSpec
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -251,7 +251,7 @@ def test_key_fields_and_file_name():
 def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
     from types import SimpleNamespace
 
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     def fake_round(pending, target, workers):
         """Stands in for compiling: anything with BLOCK_N > 32 'spills'."""
@@ -284,7 +284,7 @@ def test_compile_check_ships_no_config_where_every_config_spills(monkeypatch, tm
     the entry loses its config and records the least-spilling tile; fp16 gets the same; the rest still ship."""
     from types import SimpleNamespace
 
-    from dispatchattn.autotune_cache import verify
+    from dispatchattn.tuning import verify
 
     def fake_round(pending, target, workers):
         reasons, records = {}, {}

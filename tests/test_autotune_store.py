@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import dispatchattn
-from dispatchattn.autotune_cache import TileConfig, clear_memo, make_key, select_config, store, tune, user_cache_path
 from dispatchattn.capabilities import DeviceCaps
 from dispatchattn.spec import AttentionSpec
+from dispatchattn.tuning import TileConfig, clear_memo, make_key, select_config, store, tune, user_cache_path
 
 H100 = DeviceCaps.synthetic("sm_90", device_name="NVIDIA H100 80GB HBM3")
 TUNED = TileConfig(64, 32, num_warps=4, num_stages=2)

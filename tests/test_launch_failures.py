@@ -19,10 +19,10 @@ from triton.runtime.errors import OutOfResources
 
 import dispatchattn as da
 from dispatchattn import failures
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex import kernels
 from dispatchattn.backends.triton_flex.block_mask import build_block_mask, refine
 from dispatchattn.backends.triton_flex.ladder import smaller_configs
+from dispatchattn.tuning.config import TileConfig
 
 B, H, S, D = 1, 2, 77, 32
 # float32 through the interpreter or plain math against float64: measured max errors 2.8e-7 (out, lse) and 9.1e-7

@@ -1,6 +1,6 @@
 """The autotune space of RDNA3 (gfx1100) comes from ahead-of-time compiles, not from the resource estimate.
 
-The committed verdicts (``autotune_cache/measured_space/gfx1100.json``) are read by ``config_space``; the slow
+The committed verdicts (``tuning/measured_space/gfx1100.json``) are read by ``config_space``; the slow
 cases recompile every candidate and compare with them (``test_config_space_is_pruned_to_configs_that_fit`` in
 ``test_aot_kernels.py`` compiles the resulting D=128 space).
 """
@@ -12,9 +12,9 @@ import itertools
 import pytest
 import torch
 
-from dispatchattn.autotune_cache import measured_space
-from dispatchattn.autotune_cache.config import TileConfig
-from dispatchattn.autotune_cache.space import config_space, estimate_resources
+from dispatchattn.tuning import measured_space
+from dispatchattn.tuning.config import TileConfig
+from dispatchattn.tuning.space import config_space, estimate_resources
 
 
 @pytest.mark.parametrize("kernel, head_dim", list(itertools.product(measured_space.LAUNCHES, measured_space.HEAD_DIMS)))

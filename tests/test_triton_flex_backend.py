@@ -117,7 +117,7 @@ def _refusing(monkeypatch, *names):
     """gfx1100's shipped document with the entries ``names`` ("decode bfloat16 d128/128") shipping no config."""
     import json
 
-    from dispatchattn.autotune_cache import shipped
+    from dispatchattn.tuning import shipped
 
     real = shipped.load_target
     document = json.loads(json.dumps(real("gfx1100")))

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex import codegen, decode, ops
 from dispatchattn.backends.triton_flex.autograd import triton_flex_attention
 from dispatchattn.backends.triton_flex.block_mask import build_block_mask
+from dispatchattn.tuning.config import TileConfig
 
 RADIUS = 6  # the bias table holds 2 * RADIUS + 1 relative positions per head, the rest clamped
 LEARNABLE = ("bias_table", "kv_bias")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex import kernels
 from dispatchattn.backends.triton_flex.autograd import triton_flex_attention
+from dispatchattn.tuning.config import TileConfig
 
 B, HQ, HKV, S, D = 1, 2, 1, 100, 40
 WIDTH = 10  # the 10 x 10 image of the neighbourhood mask

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex import block_mask, codegen, kernels
+from dispatchattn.tuning.config import TileConfig
 
 
 @pytest.fixture(autouse=True)

@@ -17,11 +17,11 @@ import torch
 from oracle import attention64, dense_mask, score_bias
 
 import dispatchattn as da
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex import decode, kernels
 from dispatchattn.backends.triton_flex.backend import TritonFlexBackend
 from dispatchattn.capabilities import DeviceCaps
 from dispatchattn.spec import AttentionSpec
+from dispatchattn.tuning.config import TileConfig
 
 pytest.importorskip("triton")
 

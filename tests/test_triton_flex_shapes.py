@@ -8,8 +8,8 @@ import torch
 from test_triton_flex_catalogue import reference
 
 import dispatchattn as da
-from dispatchattn.autotune_cache.config import TileConfig
 from dispatchattn.backends.triton_flex.autograd import triton_flex_attention
+from dispatchattn.tuning.config import TileConfig
 
 CONFIG = TileConfig(32, 32)
 # fp32 max abs errors measured on these cases (two seeds): out 4.6e-7, lse 6.0e-7, grads 1.5e-6 except

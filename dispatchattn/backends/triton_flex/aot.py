@@ -6,7 +6,7 @@ tile config, target) is compiled for real with ``triton.compile(ASTSource(...), 
 this CPU-only machine, and its resources are checked against the limits in ``capabilities.ARCHS``:
 
 >>> import dispatchattn as da
->>> from dispatchattn.autotune_cache.config import TileConfig
+>>> from dispatchattn.tuning.config import TileConfig
 >>> record = compile_report("bwd_dkdv", TileConfig(64, 128, 8, 3), "sm_86", "bf16", 128,
 ...                         mask_mod=da.masks.causal())  # doctest: +SKIP
 >>> reject_reasons(record)[0]  # doctest: +SKIP
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ...autotune_cache.config import TileConfig
 from ...capabilities import ARCHS, ArchInfo
+from ...tuning.config import TileConfig
 from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 
@@ -336,7 +336,7 @@ def compile_report(
 ) -> AotRecord:
     """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources.
 
-    >>> from dispatchattn.autotune_cache.config import TileConfig
+    >>> from dispatchattn.tuning.config import TileConfig
     >>> record = compile_report("fwd", TileConfig(128, 64, 8, 3), "sm_90", "bf16", 128)  # doctest: +SKIP
     >>> record.matrix_instr, record.fits  # doctest: +SKIP
     ('wgmma', True)

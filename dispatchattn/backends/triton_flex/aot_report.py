@@ -8,7 +8,7 @@
     python -m dispatchattn aot --head-dim 64,128,256 --dtype bf16,fp32 --markdown > docs/aot_resources.md
 
 Variants are built from ``dispatchattn.masks`` / ``dispatchattn.scores``; configs come from the shipped
-defaults (``autotune_cache/defaults``), the autotune config space, or the command line.
+defaults (``tuning/defaults``), the autotune config space, or the command line.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 
 from ... import masks, scores
-from ...autotune_cache import shipped, space
-from ...autotune_cache.config import TileConfig
 from ...capabilities import AOT_TARGETS, ARCHS
+from ...tuning import shipped, space
+from ...tuning.config import TileConfig
 from . import aot, aot_cache
 
 _HEADS = 8  # heads of the captured tables of the alibi / relative-bias variants (shapes only matter)

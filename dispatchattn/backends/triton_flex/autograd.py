@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
-from ...autotune_cache.config import TileConfig
 from ...failures import LaunchFailed
 from ...masks import MaskMod
 from ...scores import ScoreMod
+from ...tuning.config import TileConfig
 from . import codegen, ladder
 from .block_mask import BlockMask, build_block_mask
 from .kernels import (

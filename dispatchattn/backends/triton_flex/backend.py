@@ -45,14 +45,14 @@ def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
     if caps.vendor not in ("cuda", "rocm") or not caps.arch:
         return {}
     try:
-        from ...autotune_cache import select, shipped
+        from ...tuning import lookup, shipped
     except ImportError:
         return {}
     dtype_name = str(spec.dtype).removeprefix("torch.")
     found = {}
     for kernel in ("fwd", "bwd", "decode"):
         record = shipped.refusal(kernel, caps.arch, dtype_name, spec.head_dim, spec.head_dim_v)
-        if record is not None and select.user_entry(kernel, spec, caps) is None:
+        if record is not None and lookup.user_entry(kernel, spec, caps) is None:
             message = shipped.refusal_message(kernel, caps.arch, spec.head_dim, spec.head_dim_v, record, dtype_name)
             found[kernel] = Reason("no_spill_free_tile", message)
     return found
@@ -167,9 +167,9 @@ class TritonFlexBackend(Backend):
 
     @staticmethod
     def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
-        """``autotune_cache.select_config`` when importable, else ``autograd.heuristic_config``."""
+        """``tuning.select_config`` when importable, else ``autograd.heuristic_config``."""
         try:
-            from ...autotune_cache import select_config
+            from ...tuning import select_config
         except ImportError:
             select_config = None
         if select_config is not None:
@@ -240,7 +240,7 @@ class TritonFlexBackend(Backend):
                 "tiles computed")
 
     def run(self, call: AttentionCall, spec: AttentionSpec, config=None):
-        from ...autotune_cache.config import TileConfig
+        from ...tuning.config import TileConfig
         from .autograd import triton_flex_attention
 
         q, k, v = call.bhsd(call.query), call.bhsd(call.key), call.bhsd(call.value)

@@ -18,7 +18,7 @@ Block sparsity: the block mask of the whole Sq (one q tile) is reduced over the 
 tile is computed when any head of the group keeps a key of it, and skips the mask_mod only when it is full
 for every head), so empty tiles are skipped and the mask is evaluated element-wise where needed.
 
-Tile config: the "decode" kind of ``autotune_cache`` (BLOCK_N, warps, stages; ``block_m`` the smallest row
+Tile config: the "decode" kind of ``tuning`` (BLOCK_N, warps, stages; ``block_m`` the smallest row
 tile).  ``num_splits`` comes from ``decoding_plan``: enough programs for ``WAVES`` per SM / CU, at most one
 split per kv tile.  Ahead of time (``python -m dispatchattn aot --kernel decode,decode_reduce``) the kernel is
 compiled at BLOCK_M = the config's ``block_m``, i.e. up to that many Sq x groups rows; calls with more rows pad
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ...autotune_cache.config import TileConfig
 from ...masks import MaskMod
+from ...tuning.config import TileConfig
 from .block_mask import cache_key, index_lists, tile_classes
 from .decode_kernels import decode_kernel, decode_reduce_kernel
 from .kernels import (

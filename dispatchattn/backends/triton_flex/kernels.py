@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ... import envs
-from ...autotune_cache.config import TileConfig
+from ...tuning.config import TileConfig
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import torch
 
-from ...autotune_cache.config import TileConfig
 from ...failures import LaunchFailed, describe, key, launch_failure, lookup, record
+from ...tuning.config import TileConfig
 from .block_mask import BlockMask, refine
 
 T = TypeVar("T")

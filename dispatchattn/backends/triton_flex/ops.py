@@ -27,7 +27,7 @@ from dataclasses import astuple
 
 import torch
 
-from ...autotune_cache.config import TileConfig
+from ...tuning.config import TileConfig
 from .block_mask import BlockMask
 
 __all__ = ["triton_flex_fwd", "triton_flex_bwd", "triton_flex_decode", "config_list", "lists_of"]

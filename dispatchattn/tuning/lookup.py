@@ -165,13 +165,13 @@ def _tune_on_miss(
     A per-key lock makes one process of many (e.g. the ranks of a job) tune while the others go on
     with the default instead of all timing the same candidates on a shared GPU.
     """
-    from . import tuning
+    from . import measure
 
     try:
         with _tuning_lock(path, key):
-            bench = tuning.kernel_bench_fn(kernel, spec, caps)
-            candidates = tuning.candidates_for(kernel, spec, caps)
-            result = tuning.tune(kernel, spec, caps, candidates, bench, progress=False)
+            bench = measure.kernel_bench_fn(kernel, spec, caps)
+            candidates = measure.candidates_for(kernel, spec, caps)
+            result = measure.tune(kernel, spec, caps, candidates, bench, progress=False)
     except filelock.Timeout:
         return None, "another process is tuning this key"
     except Exception as error:  # e.g. the kernel cannot be imported: tuning is an optimisation only

@@ -1,16 +1,16 @@
 """Tile configs for the in-house Triton kernels: config space, on-disk cache, shipped defaults.
 
 >>> import torch
->>> from dispatchattn.autotune_cache import why_config_invalid, TileConfig
+>>> from dispatchattn.tuning import why_config_invalid, TileConfig
 >>> why_config_invalid("fwd", TileConfig(128, 128, 8, 3), "sm_86", torch.float16, 128, 128)
 'fwd BLOCK_M=128 BLOCK_N=128 D=128 stages=3 needs 133,120 B shared memory > 101,376 B on sm_86'
 """
 
 from .config import TileConfig
 from .key import TuneKey, autotune_dir, make_key, user_cache_path
-from .select import INTERPRETER_SOURCE, clear_memo, select_config
+from .lookup import INTERPRETER_SOURCE, clear_memo, select_config
+from .measure import TuneResult, candidates_for, kernel_bench_fn, tune
 from .space import config_space, estimate_resources, heuristic_config, why_config_invalid
-from .tuning import TuneResult, candidates_for, kernel_bench_fn, tune
 
 __all__ = [
     "INTERPRETER_SOURCE",

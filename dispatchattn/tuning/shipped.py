@@ -1,8 +1,8 @@
-"""Shipped default tile configs: one JSON file per GPU target in ``autotune_cache/defaults/``.
+"""Shipped default tile configs: one JSON file per GPU target in ``tuning/defaults/``.
 
 Each file says where its configs came from (``measured``, ``source``, ``produced``: device, date,
 versions, how).  Until a GPU was available to this project every file was generated from the heuristic
-(``python -m dispatchattn.autotune_cache.shipped --write``) and says ``"measured": false``; tuning on a
+(``python -m dispatchattn.tuning.shipped --write``) and says ``"measured": false``; tuning on a
 GPU with ``python -m dispatchattn tune ... --export-defaults`` replaces entries one by one, each marked
 ``"measured": true`` with its own device, date, versions and speedup.
 
@@ -34,7 +34,7 @@ from .space import KERNELS, _pow2_at_least, heuristic_config_and_note, why_confi
 
 DEFAULTS_DIR = Path(__file__).with_name("defaults")
 if TYPE_CHECKING:
-    from .tuning import TuneResult
+    from .measure import TuneResult
 
 HEURISTIC_SOURCE = "heuristic (FlexAttention defaults table), not timed on hardware"
 SHIPPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -203,7 +203,7 @@ def heuristic_document(target: str) -> dict:
             "date": datetime.date.today().isoformat(),
             "dispatchattn": version.__version__,
             "triton": str(installed_libraries().triton),
-            "how": "python -m dispatchattn.autotune_cache.shipped --write",
+            "how": "python -m dispatchattn.tuning.shipped --write",
         },
     )
     for kernel in KERNELS:

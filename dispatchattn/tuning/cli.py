@@ -15,8 +15,8 @@ from .. import capabilities, masks
 from ..spec import AttentionSpec
 from . import shipped, store
 from .key import autotune_dir
-from .select import clear_memo
-from .tuning import candidates_for, kernel_bench_fn, tune
+from .lookup import clear_memo
+from .measure import candidates_for, kernel_bench_fn, tune
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -43,7 +43,7 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     add("--backward", action="store_true", help="tune the backward kernel too")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--export-defaults", action="store_true",
-        help="also record the results as measured shipped defaults (autotune_cache/defaults/<arch>.json)")
+        help="also record the results as measured shipped defaults (tuning/defaults/<arch>.json)")
     add("--show", action="store_true", help="print the cached tile configs and exit")
     add("--clear", action="store_true", help="delete the cached tile configs and exit")
     parser.set_defaults(func=run_tune)
@@ -149,7 +149,7 @@ def clear_cache() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dispatchattn.autotune_cache.cli tune ...`` (the same as ``python -m dispatchattn tune``)."""
+    """``python -m dispatchattn.tuning.cli tune ...`` (the same as ``python -m dispatchattn tune``)."""
     parser = argparse.ArgumentParser(prog="dispatchattn")
     add_tune_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
