@@ -9,11 +9,13 @@ from torch.compiler import is_compiling  # by name: traced code reads fewer obje
 
 from . import capabilities, envs, failures, fallback
 from . import explain as _explain
-from .backends import BACKEND_NAMES, get_backend
+from .backends import get_backend
 from .backends.base import AttentionCall
 from .compiled import traced_attention
+from .decide import decide
 from .selector import Decision, context_policies, current_policy, select_cached
 from .spec import AttentionSpec, build_spec
+from .tuning import rankings
 
 # Warm-call memo: call signature (metadata only) -> (spec, decision, backend, resolved scale, the backend's
 # ``direct`` function or None).  Bounded; cleared when full.  ``_LAST`` holds the latest (signature, entry): a
@@ -52,23 +54,21 @@ def _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     spec = build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod=score_mod,
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse)
     caps = capabilities.probe(query.device)
-    exclude = failures.excluded_backends(spec, caps, BACKEND_NAMES)
-    decision = select_cached(spec, caps, current_policy(backend), exclude)
-    return spec, decision, caps
+    return spec, decide(spec, caps, current_policy(backend), query.device), caps
 
 
 def _forget_decisions() -> None:
-    """A launch failure was recorded: every memoised decision and tile config is decided again on its next call."""
+    """A launch failure or a ranking was recorded: every memoised decision and tile config is decided again on its
+    next call."""
+    from .tuning import clear_memo as clear_config_memo
+
     clear_memo()
     select_cached.cache_clear()
-    try:
-        from .tuning import clear_memo as clear_config_memo
-    except ImportError:  # pragma: no cover - the config cache is optional
-        return
     clear_config_memo()
 
 
 failures.on_record(_forget_decisions)
+rankings.on_record(_forget_decisions)
 
 
 def attention(

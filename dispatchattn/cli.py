@@ -1,4 +1,4 @@
-"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | aot | bench | tune | selftest."""
+"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | aot | bench | tune | selftest | rankings."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ DTYPES = {
 # Subcommands implemented next to the code they drive: name -> (module, add-parser fn, run fn).
 _EXTERNAL = {
     "aot": ("dispatchattn.backends.triton_flex.aot", "add_aot_parser", "run_aot"),
-    "tune": ("dispatchattn.tuning.cli", "add_tune_parser", "run_tune"),
+    "tune": ("dispatchattn.tools.tune_backends", "add_tune_parser", "run_tune"),
+    "rankings": ("dispatchattn.tools.shipped_rankings", "add_parser", "run"),
     "selftest": ("dispatchattn.tools.selftest", "add_selftest_parser", "run_selftest"),
 }
 

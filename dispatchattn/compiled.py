@@ -25,15 +25,16 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from . import capabilities, failures
 from . import explain as _explain
-from .backends import BACKEND_NAMES, get_backend
-from .backends.base import AttentionCall
+from .backends import get_backend
+from .backends.base import AttentionCall, random_call
 from .capabilities import pretended as _caps_override  # the list itself: pushed and popped in place
+from .decide import decide
 from .envs import TRACED_ENVIRON, as_text, explain_level  # by name: reaching a module adds guards
 from .failures import GENERATION as FAILURES
-from .failures import LaunchFailed, excluded_backends
+from .failures import LaunchFailed
 from .masks import MaskMod
 from .scores import ScoreMod
-from .selector import Decision, Policy, UnsupportedError, context_policies, current_policy, select_cached
+from .selector import Decision, Policy, UnsupportedError, context_policies, current_policy
 from .spec import build_spec
 
 
@@ -134,7 +135,7 @@ def decide_static(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                       mask_mod=mask_mod, layout=layout, return_lse=return_lse, check_mods=False)
     caps = caps_override if caps_override is not None else capabilities.probe(tensors[0].device)
     policy = _policy(policy)
-    decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
+    decision = decide(spec, caps, policy, may_measure=False)
     decision = _launchable_library(spec, caps, policy, decision, tensors[0].device)
     runner = get_backend(decision.backend)
     if decision.backend == "triton_flex":
@@ -187,22 +188,8 @@ def _launchable_library(spec, caps, policy: Policy, decision: Decision, device) 
     rather than inside the graph.  The forward only: a backward that refuses inside a graph raises there (eager
     calls take the next backend)."""
     while decision.backend in PROBED_LIBRARIES:
-        make = dict(dtype=spec.dtype, device=device)
-        shapes = ((spec.heads_q, spec.seq_q, spec.head_dim), (spec.heads_kv, spec.seq_kv, spec.head_dim),
-                  (spec.heads_kv, spec.seq_kv, spec.head_dim_v))
-        q, k, v = (torch.randn(1, h, s, d, **make) for h, s, d in shapes)  # one batch row: refusals are per row
-        if spec.layout == "bshd":
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        attn_mask = None
-        if spec.attn_mask is not None:
-            kind, shape = spec.attn_mask
-            shape = (1, *shape[1:])  # the spec's mask shape is 4-D, broadcast dims as 1
-            attn_mask = (torch.ones(shape, dtype=torch.bool, device=device) if kind == "bool"
-                         else torch.zeros(shape, **make))
-        mask = spec.mask.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.mask, MaskMod) else spec.mask
-        score = spec.score.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.score, ScoreMod) else spec.score
-        call = AttentionCall(q, k, v, attn_mask, mask, score, spec.scale or 1.0 / math.sqrt(spec.head_dim), 0.0,
-                             spec.is_causal, spec.heads_q != spec.heads_kv, spec.return_lse, spec.layout)
+        call = random_call(spec, device, batch=1)  # one batch row: refusals are per row
+        # the mods' structural twins stand in (their captured tensors are placeholders): a refusal is about shapes
         try:
             with torch.no_grad():
                 get_backend(decision.backend).run(call, spec, decision.config)
@@ -215,7 +202,7 @@ def _launchable_library(spec, caps, policy: Policy, decision: Decision, device) 
             if policy.only(decision.backend):
                 raise UnsupportedError(f"dispatchattn: {decision.backend} was forced ({policy.source}) and could "
                                        f"not launch on {decision.device}: {why}", decision) from error
-            decision = select_cached(spec, caps, policy, excluded_backends(spec, caps, BACKEND_NAMES))
+            decision = decide(spec, caps, policy, may_measure=False)
     return decision
 
 
@@ -232,7 +219,7 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
             # function" (its cells may hold traced tensors, so it cannot be made a constant).
             raise ValueError("a mod that is a closure (or has defaults) is opaque at trace time; closure-free "
                              "functions and da.masks / da.scores objects are planned")
-        fwd_config, bwd_config = decision.config, backend._config("bwd", spec, caps)[0]
+        fwd_config, bwd_config = decision.config, backend.tile_config(spec, caps, "bwd")[0]
         plan = ops.plan(spec, spec.score, spec.mask, fwd_config, bwd_config, device, caps)  # or ValueError
         if not decoding(spec, caps):  # a config that cannot launch here fails now, not inside the graph
             launched = ops.probe_configs(spec, spec.score, spec_mask(spec), fwd_config, bwd_config, device)
@@ -246,9 +233,7 @@ def _triton_flex_ops(spec, caps, policy: Policy, decision: Decision, device):
         why = f"inside torch.compile triton_flex runs through its custom ops, which cannot run this call: {error}"
     if policy.only("triton_flex"):
         raise UnsupportedError(f"dispatchattn: {why}", decision)
-    order = tuple(name for name in (policy.allowed or decision.priority) if name != "triton_flex")
-    fallback = select_cached(spec, caps, Policy(order, f"{policy.source}; {why}"),
-                             excluded_backends(spec, caps, BACKEND_NAMES))
+    fallback = decide(spec, caps, policy, may_measure=False, exclude=(("triton_flex", why),))
     return fallback, get_backend(fallback.backend)
 
 

@@ -13,9 +13,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import capabilities, failures
-from .backends import BACKEND_NAMES, get_backend
+from .backends import get_backend
 from .backends.base import AttentionCall
-from .selector import Decision, UnsupportedError, current_policy, select_cached
+from .decide import decide
+from .selector import Decision, UnsupportedError, current_policy
 from .spec import AttentionSpec
 
 
@@ -54,8 +55,7 @@ def backward_fallback(spec: AttentionSpec, decision: Decision, backend, call: At
                                    f"{decision.device} ({why}), and with dropout_p={spec.dropout_p} another backend "
                                    "cannot recompute the same gradients; the failure is recorded, so the next call "
                                    "runs another backend", decision) from failure
-        exclude = failures.excluded_backends(spec, caps, BACKEND_NAMES)
-        runner = get_backend(select_cached(spec, caps, policy, exclude).backend)
+        runner = get_backend(decide(spec, caps, policy, may_measure=False).backend)
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
             again = AttentionCall(*inputs, call.attn_mask, call.mask_mod, call.score_mod, call.scale, call.dropout_p,

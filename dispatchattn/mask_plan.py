@@ -90,3 +90,11 @@ def document_runs(document_ids: torch.Tensor, batch: int, seq: int, permute_ok: 
     total = torch.tensor([batch * seq], device=flat.device)
     cu = torch.cat([flat, total]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max()), order
+
+
+def needs_dense_mask(spec: AttentionSpec) -> bool:
+    """Whether a kernel that takes no mods (SDPA) needs ``spec``'s mask or score materialised: anything but no mod
+    at all, or a plain top-left causal mask_mod (SDPA's ``is_causal``)."""
+    mask = spec.mask
+    plain_causal = isinstance(mask, Causal) and mask.offset == 0 and spec.attn_mask is None and not spec.is_causal
+    return spec.score is not None or (mask is not None and not plain_causal)

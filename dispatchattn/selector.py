@@ -1,8 +1,10 @@
-"""Selection: a pure function (spec, caps, policy) -> Decision, memoised per signature.
+"""Selection: a pure function (spec, caps, policy, ranking, exclude) -> Decision, memoised per signature.
 
-Every backend answers "why not" as a list of sentences; the first backend in priority order with no
-reason wins.  The priority order is a per-vendor default chosen by problem class (see ``priority``);
-a user allow-list (``backend=``, ``DISPATCHATTN_BACKEND``, ``use_backends``) replaces it.
+Every backend answers "why not" as a list of sentences; those with none are eligible.  Among them a user
+allow-list (``backend=``, ``DISPATCHATTN_BACKEND``, ``use_backends``) decides by its order; else a measured ranking
+of this device and problem bucket (``tuning.rankings``, looked up by the caller) picks the fastest; else the
+per-vendor default order chosen by problem class (``priority``).  Nothing here reads the disk or tunes: the
+ranking and the launch failures to exclude are handed in, and the tile config is chosen after (``decide``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass, field
 from . import envs
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import Reason
-from .backends.sdpa import needs_dense_mask
 from .capabilities import DeviceCaps
+from .mask_plan import needs_dense_mask
 from .spec import AttentionSpec
+from .tuning.rankings import DECODE_MAX_SEQ_Q, Ranking
 
 
 class UnsupportedError(RuntimeError):
@@ -100,17 +103,26 @@ class Decision:
     spec_summary: str
     device: str
     priority: tuple[str, ...]
-    decided_by: str  # "rule" (default priority), "user" (backend= / allow-list)
+    decided_by: str  # "measurement" (a ranking), "rule" (default priority), "user" (backend= / allow-list)
     rationale: str
     config: object = None
     config_source: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The backends that could run the call, in the order they would be tried (the chosen one first); ``reasons``
+    #: holds ``[]`` for them and the rejections of all others.
+    eligible: tuple[str, ...] = ()
+    #: Why each eligible backend other than the chosen one did not run (lower priority, slower when measured).
+    lost: dict[str, str] = field(default_factory=dict)
+    #: The measured ranking that decided (``Ranking.to_dict()``), or None when it was not measured.
+    ranking: dict | None = None
 
     def __str__(self) -> str:
         lines = [
             f"dispatchattn: {self.backend} for {self.spec_summary} on {self.device}",
             f"  decided by {self.decided_by}: {self.rationale}",
         ]
+        if self.decided_by == "rule" and self.ranking is None and len(self.eligible) > 1:
+            lines.append(f"  {NOT_MEASURED}")
         if self.config is not None:
             config = self.config.short() if hasattr(self.config, "short") else self.config
             lines.append(f"  tile config: {config} (from {self.config_source})")
@@ -119,15 +131,14 @@ class Decision:
             if name == self.backend:
                 continue
             reasons = self.reasons.get(name) or []
-            lines.append(f"  {name}: " + ("; ".join(reasons) if reasons else "usable"))
+            lines.append(f"  {name}: " + ("; ".join(reasons) if reasons else self.lost.get(name, "usable")))
         lines.append(f"  Available backends: {', '.join(self.available)}. Selected backend: {self.backend}")
         return "\n".join(lines)
 
     @property
     def available(self) -> list[str]:
-        """Backends that could run the call, in priority order (the chosen one first)."""
-        return [n for n in self.priority
-                if n == self.backend or any(r.code == "lower_priority" for r in self.reasons.get(n, []))]
+        """Backends that could run the call, in the order they would be tried (the chosen one first)."""
+        return list(self.eligible)
 
     def to_dict(self) -> dict:
         config = self.config.to_dict() if hasattr(self.config, "to_dict") else self.config
@@ -143,6 +154,9 @@ class Decision:
             "config": config,
             "config_source": self.config_source,
             "notes": list(self.notes),
+            "eligible": list(self.eligible),
+            "lost": dict(self.lost),
+            "ranking": self.ranking,
         }
 
     def to_json(self) -> str:
@@ -157,8 +171,6 @@ _GPU_FLEX_TRAINING = ("flash", "xformers", "torch_flex", "triton_flex", "sdpa", 
 #: Same run, decoding (Sq=1, KV 16384, GQA 4, D=128, ALiBi): SDPA with the bias materialised 0.142 ms, the triton_flex
 #: decoding kernel 0.307 ms: SDPA first where it can take the mods as a small dense mask or bias.
 _GPU_DECODE_SDPA_FIRST = ("flash", "sdpa", "xformers", "triton_flex", "torch_flex", "reference")
-#: Query rows up to which a call is decoding (the split-KV kernels' range).
-DECODE_MAX_SEQ_Q = 16
 _CPU_SDPA_FIRST = ("sdpa", "reference", "torch_flex", "triton_flex", "flash", "xformers")
 _CPU_FLEX_FIRST = ("torch_flex", "sdpa", "reference", "triton_flex", "flash", "xformers")
 #: On CPU, compiled FlexAttention repays its first compile (~7-13 s) only on large problems whose mask SDPA must
@@ -205,12 +217,19 @@ def priority(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, ...], st
     return _CPU_SDPA_FIRST, why
 
 
-def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
+#: How a decision the rule made among several backends says that measuring is possible.
+NOT_MEASURED = ("not measured: DISPATCHATTN_AUTOTUNE=1 times the eligible backends on this problem's first call "
+                "(`python -m dispatchattn tune --backends` ahead of time)")
+
+
+def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, ranking: Ranking | None = None,
            exclude: tuple[tuple[str, str], ...] = ()) -> Decision:
     """Decide which backend runs ``spec`` on ``caps`` under ``policy``.  Raises UnsupportedError.
 
+    ``ranking``: the measured times of ``spec``'s bucket on this device (``tuning.rankings.lookup``), or None.
     ``exclude``: (backend, sentence) pairs of backends that must not run, e.g. those recorded as unable to launch
-    this problem on this device (``failures.excluded_backends``, looked up by the caller)."""
+    this problem on this device (``failures.excluded_backends``).  Both are looked up by the caller: this function
+    reads no file and runs nothing.  The tile config is not chosen here (``decide.decide`` adds it)."""
     default_order, rationale = priority(spec, caps)
     excluded = dict(exclude)
     if policy.allowed:
@@ -218,7 +237,7 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
     else:
         order = default_order
     reasons: dict[str, list[Reason]] = {}
-    chosen = None
+    eligible: list[str] = []
     for name in order:
         if policy.allowed and name not in policy.allowed:
             reasons[name] = [Reason("not_allowed", f"not in the allowed backends {list(policy.allowed)} "
@@ -227,26 +246,56 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
         found = list(get_backend(name).why_not(spec, caps))
         if name in excluded and not found:
             found = [Reason("launch_failed", excluded[name])]
-        if not found and chosen is not None:
-            found = [Reason("lower_priority", f"could run, but {chosen} comes first in the priority order")]
-        elif not found:
-            chosen = name
         reasons[name] = found
-    decided_by = "user" if policy.allowed else "rule"
+        if not found:
+            eligible.append(name)
+    decided_by, evidence = ("user" if policy.allowed else "rule"), None
     if policy.allowed:
         rationale = f"allowed backends {list(policy.allowed)} (set by {policy.source}), in that order"
-    if chosen is None:
+    elif ranking is not None and any(ranking.time_ms(name) is not None for name in eligible):
+        eligible = _by_measurement(eligible, ranking)
+        evidence = ranking.to_dict()
+        if ranking.time_ms(eligible[0]) is not None:
+            decided_by = "measurement"
+            rationale = (f"fastest measured: {eligible[0]} {ranking.time_ms(eligible[0]):.4g} ms "
+                         f"({ranking.describe()})")
+        else:  # the rule's first choice was not measured (e.g. a library the ranking's device did not have)
+            rationale += f"; {eligible[0]} was not measured, the {ranking.describe()} orders the others"
+    if not eligible:
         decision = Decision("none", reasons, spec.summary(), caps.describe(), order, decided_by, rationale)
         raise UnsupportedError(_unsupported_message(decision, policy), decision)
-    backend = get_backend(chosen)
-    config = backend.tile_config(spec, caps) if backend.TUNABLE else None
+    chosen = eligible[0]
     failed = tuple(f"{name} did not run: {reasons[name][0]}; {chosen} runs instead" for name in order
                    if name in excluded and any(r.code == "launch_failed" for r in reasons.get(name, ())))
     return Decision(
         backend=chosen, reasons=reasons, spec_summary=spec.summary(), device=caps.describe(), priority=order,
-        decided_by=decided_by, rationale=rationale, config=config[0] if config else None,
-        config_source=config[1] if config else None, notes=failed + tuple(backend.notes(spec, caps)),
+        decided_by=decided_by, rationale=rationale, notes=failed, eligible=tuple(eligible),
+        lost={name: _why_lost(name, chosen, ranking if evidence else None) for name in eligible[1:]},
+        ranking=evidence,
     )
+
+
+def _by_measurement(eligible: list[str], ranking: Ranking) -> list[str]:
+    """Eligible backends reordered by ``ranking``: the places the measured ones hold in the rule's order are filled
+    fastest first (a ranking says nothing of a backend it did not measure, which keeps its place); those that
+    failed while being measured go last (never chosen while another can run)."""
+    failed = dict(ranking.failed)
+    fastest = iter(name for name in ranking.order() if name in eligible)
+    measured = {name for name in eligible if ranking.time_ms(name) is not None}
+    order = [next(fastest) if name in measured else name for name in eligible if name not in failed or name in measured]
+    return order + [name for name in eligible if name in failed and name not in measured]
+
+
+def _why_lost(name: str, chosen: str, ranking: Ranking | None) -> str:
+    time, best = (ranking.time_ms(name), ranking.time_ms(chosen)) if ranking is not None else (None, None)
+    if time is not None and best is not None:
+        return f"could run; measured {time:.4g} ms, {time / best:.2f}x the time of {chosen}"
+    if time is not None:
+        return f"could run; measured {time:.4g} ms, but {chosen} (not measured) comes first in the priority order"
+    failed = dict(ranking.failed).get(name) if ranking is not None else None
+    if failed is not None:
+        return f"could run, but failed while being measured: {failed}"
+    return f"could run, but {chosen} comes first in the priority order" + (" (not measured)" if ranking else "")
 
 
 def _unsupported_message(decision: Decision, policy: Policy) -> str:
@@ -259,7 +308,7 @@ def _unsupported_message(decision: Decision, policy: Policy) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def select_cached(spec: AttentionSpec, caps: DeviceCaps, policy: Policy,
+def select_cached(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, ranking: Ranking | None = None,
                   exclude: tuple[tuple[str, str], ...] = ()) -> Decision:
-    """``select`` memoised per (spec, caps, policy, exclude): a warm call pays a dictionary lookup."""
-    return select(spec, caps, policy, exclude)
+    """``select`` memoised per (spec, caps, policy, ranking, exclude): a warm call pays a dictionary lookup."""
+    return select(spec, caps, policy, ranking, exclude)

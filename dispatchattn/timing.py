@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -20,12 +20,12 @@ def median_seconds(fn: Callable[[], object], repeats: int = 30, warmup: int = 3,
     device = device or torch.device("cpu")
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(inner):
             fn()
-        _sync(device)
+        sync(device)
         samples.append((time.perf_counter() - start) / inner)
     return statistics.median(samples)

@@ -10,7 +10,7 @@ import torch
 from packaging.version import Version
 
 import dispatchattn as da
-from dispatchattn import api, selector
+from dispatchattn import api
 from dispatchattn.backends import BACKEND_NAMES
 from dispatchattn.capabilities import DeviceCaps, Libraries, pretend
 
@@ -61,9 +61,11 @@ def test_decision_table(arch, problem):
         decision = da.explain(q, q, q, **PROBLEMS[problem]())
     assert decision.backend == EXPECTED[arch][problem], str(decision)
     assert set(decision.reasons) == set(BACKEND_NAMES)
-    assert decision.reasons[decision.backend] == []
+    assert decision.reasons[decision.backend] == [] and decision.eligible[0] == decision.backend
     for name, reasons in decision.reasons.items():
-        if name != decision.backend:
+        if name in decision.eligible:  # could run: no rejection, and a sentence saying why it lost
+            assert reasons == [] and (name == decision.backend or "comes first" in decision.lost[name]), name
+        else:
             assert reasons and all(r.code and len(r) > 10 for r in reasons), (name, reasons)
 
 
@@ -86,7 +88,7 @@ def test_gpu_masked_training_prefers_the_faster_measured_backward():
         with torch.no_grad():
             inference = da.explain(q, q, q, mask_mod=da.masks.sliding_window(32) & da.masks.causal())
     assert training.backend == "torch_flex" and "backward measured" in training.rationale
-    assert [r.code for r in training.reasons["triton_flex"]] == ["lower_priority"]
+    assert training.reasons["triton_flex"] == [] and "torch_flex comes first" in training.lost["triton_flex"]
     assert inference.backend == "triton_flex"
 
 
@@ -163,7 +165,8 @@ def test_warm_call_does_not_reselect(monkeypatch):
     q = torch.randn(1, 2, 16, 32)
     da.attention(q, q, q, is_causal=True)
     calls = []
-    monkeypatch.setattr(api, "select_cached", lambda *a: calls.append(a) or selector.select(*a))
+    decide = api.decide
+    monkeypatch.setattr(api, "decide", lambda *a, **k: calls.append(a) or decide(*a, **k))
     for _ in range(3):
         da.attention(q, q, q, is_causal=True)
     assert calls == []

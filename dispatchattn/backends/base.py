@@ -73,6 +73,33 @@ class AttentionCall:
         return out if self.layout == "bhsd" else out.transpose(1, 2)
 
 
+def random_call(spec: AttentionSpec, device: torch.device, batch: int | None = None,
+                requires_grad: bool = False) -> AttentionCall:
+    """A call of ``spec``'s shapes (``batch`` rows, default the spec's) on random inputs, with the spec's mods bound
+    to its lengths: for trying or timing a backend on a problem without the caller's tensors."""
+    from ..masks import MaskMod
+    from ..scores import ScoreMod
+
+    make = dict(dtype=spec.dtype, device=device)
+    rows = spec.batch if batch is None else batch
+    shapes = ((spec.heads_q, spec.seq_q, spec.head_dim), (spec.heads_kv, spec.seq_kv, spec.head_dim),
+              (spec.heads_kv, spec.seq_kv, spec.head_dim_v))
+    q, k, v = (torch.randn(rows, h, s, d, **make) for h, s, d in shapes)
+    if spec.layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
+    attn_mask = None
+    if spec.attn_mask is not None:
+        kind, shape = spec.attn_mask
+        shape = tuple(min(size, rows) if axis == 0 else size for axis, size in enumerate(shape))
+        attn_mask = torch.rand(shape, device=device) > 0.05 if kind == "bool" else torch.randn(shape, **make)
+    mask = spec.mask.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.mask, MaskMod) else spec.mask
+    score = spec.score.bind(spec.seq_q, spec.seq_kv) if isinstance(spec.score, ScoreMod) else spec.score
+    scale = spec.scale if spec.scale is not None else 1.0 / spec.head_dim ** 0.5
+    return AttentionCall(q, k, v, attn_mask, mask, score, scale, spec.dropout_p, spec.is_causal,
+                         spec.heads_q != spec.heads_kv, spec.return_lse, spec.layout)
+
+
 class Backend:
     """Base of every backend.  Subclasses set the limits below and implement ``_why_not`` and ``run``."""
 
@@ -143,8 +170,9 @@ class Backend:
     def _why_not(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
         return []
 
-    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps) -> tuple[Any, str] | None:
-        """(config, where it came from) for tunable backends; None otherwise."""
+    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps, kernel: str | None = None) -> tuple[Any, str] | None:
+        """(config, where it came from) of ``kernel`` (None: the one a forward call runs) for tunable backends;
+        None otherwise."""
         return None
 
     def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import envs
+from ..mask_plan import needs_dense_mask
 from ..masks import Causal, Document, MaskMod
 from ..scores import Alibi, RelativeBias, ScoreMod
 from .base import AttentionCall, Backend, Reason
@@ -41,12 +42,6 @@ def _dense_mask_shape(spec) -> tuple[int, int, int, int]:
 
 def _leaves(mask: MaskMod) -> list[MaskMod]:
     return mask.parts() if hasattr(mask, "parts") else [mask]
-
-
-def needs_dense_mask(spec) -> bool:
-    mask = spec.mask
-    plain_causal = isinstance(mask, Causal) and mask.offset == 0 and spec.attn_mask is None and not spec.is_causal
-    return spec.score is not None or (mask is not None and not plain_causal)
 
 
 def dense_bytes(spec) -> int:

@@ -20,6 +20,7 @@ from .measure import candidates_for, kernel_bench_fn, tune
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32}
+DEFAULT_SEQ = 4096
 NO_GPU = (
     "tune needs a CUDA or ROCm GPU: it times the Triton kernels on the device, and torch sees none here "
     "(torch.cuda.is_available() is False). Without tuning, tile configs come from the shipped defaults "
@@ -31,7 +32,7 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     """Add the ``tune`` sub-command to an ``argparse`` sub-parsers object; returns its parser."""
     parser = subparsers.add_parser("tune", help="time tile configs of the triton_flex kernels on this GPU")
     add = parser.add_argument
-    add("--seq", type=int, default=4096, help="query length (default 4096)")
+    add("--seq", type=int, default=None, help=f"query length (default {DEFAULT_SEQ})")
     add("--kv-seq", type=int, default=None, help="key/value length (default: --seq)")
     add("--head-dim", type=int, default=128)
     add("--head-dim-v", type=int, default=None, help="value head dim (default: --head-dim)")
@@ -66,10 +67,11 @@ def parse_mask(text: str, seq_kv: int, device: torch.device) -> masks.MaskMod | 
 
 def spec_from_args(args: argparse.Namespace, device: torch.device) -> AttentionSpec:
     """The problem described by the command line, as the spec ``select_config`` will later see."""
-    seq_kv = args.kv_seq or args.seq
+    seq_q = args.seq or DEFAULT_SEQ
+    seq_kv = args.kv_seq or seq_q
     heads_kv = args.kv_heads or args.heads
     return AttentionSpec(
-        batch=args.batch, heads_q=args.heads, heads_kv=heads_kv, seq_q=args.seq, seq_kv=seq_kv,
+        batch=args.batch, heads_q=args.heads, heads_kv=heads_kv, seq_q=seq_q, seq_kv=seq_kv,
         head_dim=args.head_dim, head_dim_v=args.head_dim_v or args.head_dim, dtype=DTYPES[args.dtype],
         device_type=device.type, mask=parse_mask(args.mask, seq_kv, device),
         enable_gqa=heads_kv != args.heads, requires_grad=args.backward,

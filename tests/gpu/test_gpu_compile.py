@@ -23,8 +23,7 @@ TOL = dict(atol=2e-3, rtol=2e-3)
 
 def _usable(name: str, q, k, v, **kwargs) -> None:
     decision = da.explain(q, k, v, **kwargs)
-    reasons = decision.reasons.get(name) or []
-    refused = [r for r in reasons if r.code != "lower_priority"]
+    refused = decision.reasons.get(name) or []
     if refused:
         skip_refused(name, refused)
 

@@ -144,10 +144,11 @@ class TritonFlexBackend(Backend):
 
         return codegen.unsupported_reason(spec.score, spec.mask, _device(spec))
 
-    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps):
-        """The forward kernel's config, or the decoding kernel's (``decoding(spec, caps)``), with its source; a
-        config recorded as unable to launch here is replaced by the one the launch will run (``ladder``)."""
-        kernel = "decode" if decoding(spec, caps) else "fwd"
+    def tile_config(self, spec: AttentionSpec, caps: DeviceCaps, kernel: str | None = None):
+        """The config of ``kernel`` ("fwd", "bwd", "decode"; default: the forward kernel's, or the decoding kernel's
+        when ``decoding(spec, caps)``), with its source; a config recorded as unable to launch here is replaced by
+        the one the launch will run (``ladder``)."""
+        kernel = kernel or ("decode" if decoding(spec, caps) else "fwd")
         return self._launchable(kernel, spec, caps, *self._config(kernel, spec, caps))
 
     @staticmethod
@@ -192,7 +193,7 @@ class TritonFlexBackend(Backend):
                          f"{spill_refusals(spec, caps)['decode']}")
         notes.append(f"forward tile config {config.short()} (from {source})")
         if spec.requires_grad or spec.mods_need_grad:
-            bwd_config, bwd_source = self._launchable("bwd", spec, caps, *self._config("bwd", spec, caps))
+            bwd_config, bwd_source = self.tile_config(spec, caps, "bwd")
             notes.append(f"backward tile config {bwd_config.short()} (from {bwd_source})")
         return notes
 
