@@ -9,20 +9,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dispatchattn"
 
-#: The circles left, exactly (the test fails when one is added or broken, so this list stays true).
-KNOWN_CIRCLES = [
-    ["backends.triton_flex.aot", "backends.triton_flex.aot_report", "tuning.measured_space", "tuning.shipped",
-     "tuning.space", "tuning.verify"],
-]
-#: Private names still imported across modules, exactly: (importer, module, name).
-KNOWN_PRIVATE = {
-    ("tuning.lookup", "tuning.space", "_pow2_at_least"),
-    ("tuning.shipped", "tuning.space", "_pow2_at_least"),
-    ("tuning.measure", "tuning.space", "_pow2_at_least"),
-    ("tuning.verify", "tuning.space", "_shrink"),
-}
-
-
 def _modules() -> dict[str, Path]:
     found = {}
     for path in PACKAGE.rglob("*.py"):
@@ -116,8 +102,8 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-def test_the_import_graph_has_no_circle_beyond_the_known_one():
-    assert _circles(_graph()) == sorted(KNOWN_CIRCLES)
+def test_the_import_graph_has_no_circle():
+    assert _circles(_graph()) == []
 
 
 def test_the_circle_finder_finds_a_circle():
@@ -127,4 +113,4 @@ def test_the_circle_finder_finds_a_circle():
 def test_no_module_imports_another_modules_private_names():
     crossings = {(name, module, imported) for name in MODULES for module, imported in _imports(name)
                  if imported.startswith("_") and not imported.startswith("__")}
-    assert crossings == KNOWN_PRIVATE
+    assert crossings == set()

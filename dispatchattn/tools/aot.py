@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ...capabilities import ARCHS, ArchInfo
-from ...tuning.config import TileConfig
+from ..capabilities import ARCHS, ArchInfo
+from ..tuning.config import TileConfig
 from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 
@@ -292,7 +292,7 @@ def make_job(
     ``generated``: the output of ``codegen.generate(score_mod, mask_mod)`` when the caller has it already.
     ``flags`` go to ``kernels.aot_entry`` (``seq_divisible``, ``write_lse``, ``accumulate``, ...).
     """
-    from . import codegen, decode, kernels
+    from ..backends.triton_flex import codegen, decode, kernels
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -344,16 +344,3 @@ def compile_report(
     job = make_job(kernel, config, target, dtype, head_dim, head_dim_v, mask_mod=mask_mod, score_mod=score_mod, **flags)
     return compile_jobs([job], workers=1, use_cache=use_cache)[0]
 
-
-def add_aot_parser(subparsers):
-    """``python -m dispatchattn aot``: see ``aot_report.add_aot_parser``."""
-    from .aot_report import add_aot_parser as add
-
-    return add(subparsers)
-
-
-def run_aot(args) -> int:
-    """Run ``python -m dispatchattn aot``: see ``aot_report.run_aot``."""
-    from .aot_report import run_aot as run
-
-    return run(args)
