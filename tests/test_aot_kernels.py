@@ -22,11 +22,12 @@ from dataclasses import replace  # noqa: E402
 import torch  # noqa: E402
 
 from dispatchattn.backends.triton_flex.backend import TritonFlexBackend, decoding, spill_refusals  # noqa: E402
-from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps  # noqa: E402
+from dispatchattn.capabilities import DeviceCaps  # noqa: E402
 from dispatchattn.spec import AttentionSpec  # noqa: E402
 from dispatchattn.tools import aot, aot_cache, aot_report, compile_check, defaults  # noqa: E402
 from dispatchattn.tuning import shipped  # noqa: E402
 from dispatchattn.tuning.config import TileConfig  # noqa: E402
+from dispatchattn.vendor_tables import AOT_TARGETS, ARCHS  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")
 #: Launches that do not read the mods: compiled for the plain variant only.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps
+from dispatchattn.capabilities import DeviceCaps
 from dispatchattn.spec import AttentionSpec
 from dispatchattn.tools import defaults
 from dispatchattn.tuning import (
@@ -27,6 +27,7 @@ from dispatchattn.tuning.space import (
     table_config,
     why_config_cannot_launch,
 )
+from dispatchattn.vendor_tables import AOT_TARGETS, ARCHS
 
 HALF = (torch.float16, torch.bfloat16)
 

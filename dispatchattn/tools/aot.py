@@ -3,7 +3,7 @@
 A kernel that passes under ``TRITON_INTERPRET=1`` can still fail on hardware: the interpreter ignores
 shared-memory limits, register pressure and matrix-instruction selection.  Here every (kernel, variant,
 tile config, target) is compiled for real with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` on
-this CPU-only machine, and its resources are checked against the limits in ``capabilities.ARCHS``:
+this CPU-only machine, and its resources are checked against the limits in ``vendor_tables.ARCHS``:
 
 >>> import dispatchattn as da
 >>> from dispatchattn.tuning.config import TileConfig
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ..capabilities import ARCHS, ArchInfo
 from ..tuning.config import TileConfig
+from ..vendor_tables import ARCHS, ArchInfo
 from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 

@@ -26,9 +26,9 @@ import torch
 
 from .. import masks, scores
 from ..backends.triton_flex import codegen
-from ..capabilities import AOT_TARGETS, ARCHS
 from ..tuning import shipped, space
 from ..tuning.config import TileConfig
+from ..vendor_tables import AOT_TARGETS, ARCHS
 from . import aot, aot_cache
 
 _HEADS = 8  # heads of the captured tables of the alibi / relative-bias variants (shapes only matter)

@@ -11,9 +11,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..capabilities import AOT_TARGETS
 from ..tuning import shipped
 from ..tuning.config import TileConfig
+from ..vendor_tables import AOT_TARGETS
 from . import aot, aot_cache
 from .compile_check import ALL_VARIANTS, compile_copied, copy_checked, verify_document
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import version
-from ..capabilities import ARCHS, installed_libraries
+from ..capabilities import installed_libraries
+from ..vendor_tables import ARCHS
 from . import store
 from .config import TileConfig
 from .space import KERNELS, heuristic_config_and_note, pow2_at_least, why_config_invalid

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..capabilities import ARCHS, ArchInfo, DeviceCaps
+from ..capabilities import DeviceCaps
+from ..vendor_tables import ARCHS, ArchInfo
 from . import measured_space
 from .config import TileConfig
 
