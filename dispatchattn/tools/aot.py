@@ -321,26 +321,15 @@ def make_job(
     )
 
 
-def compile_report(
-    kernel: str,
-    config: TileConfig,
-    target: str,
-    dtype: str | torch.dtype = "bf16",
-    head_dim: int = 128,
-    head_dim_v: int | None = None,
-    *,
-    mask_mod=None,
-    score_mod=None,
-    use_cache: bool = True,
-    **flags,
-) -> AotRecord:
-    """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources.
+def compile_report(kernel: str, config: TileConfig, target: str, *args, use_cache: bool = True, **kwargs) -> AotRecord:
+    """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources;
+    the other arguments are ``make_job``'s (dtype, head dims, mods, flags).
 
     >>> from dispatchattn.tuning.config import TileConfig
     >>> record = compile_report("fwd", TileConfig(128, 64, 8, 3), "sm_90", "bf16", 128)  # doctest: +SKIP
     >>> record.matrix_instr, record.fits  # doctest: +SKIP
     ('wgmma', True)
     """
-    job = make_job(kernel, config, target, dtype, head_dim, head_dim_v, mask_mod=mask_mod, score_mod=score_mod, **flags)
+    job = make_job(kernel, config, target, *args, **kwargs)
     return compile_jobs([job], workers=1, use_cache=use_cache)[0]
 
