@@ -8,7 +8,7 @@ import torch
 from torch.compiler import is_compiling  # by name: traced code reads fewer objects (guards)
 
 from . import capabilities, envs, failures, fallback
-from . import explain as _explain
+from . import explain_log as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall
 from .compiled import traced_attention

@@ -1,7 +1,6 @@
 """What the device and the installed libraries can do: probed once, cached, injectable for tests.
 
-``ARCHS`` is the one table of GPU architecture limits.  The selector, the ahead-of-time compiler,
-the autotune config space, the tests and ``python -m dispatchattn matrix`` all read it.
+The architecture limits it reports (``DeviceCaps.arch_info``) come from ``vendor_tables.ARCHS``.
 """
 
 from __future__ import annotations
@@ -17,68 +16,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from . import envs
-
-
-@dataclass(frozen=True)
-class ArchInfo:
-    """Limits of one GPU architecture that decide which kernels and tile configs can run on it."""
-
-    name: str  # "sm_90", "gfx942"
-    vendor: str  # "cuda" or "rocm"
-    flagship: str
-    smem_per_block: int  # bytes, the opt-in maximum for one block / workgroup
-    warp_size: int
-    max_regs_per_thread: int  # architectural VGPRs (AMD: arch + accumulation VGPRs)
-    bf16: bool
-    matrix_instr: str | None  # the fp16/bf16 matrix instruction Triton emits: mma.sync / wgmma / tcgen05 / mfma / wmma
-    dense_fp16_tflops: float
-
-    @property
-    def sm(self) -> tuple[int, int] | None:
-        if self.vendor != "cuda":
-            return None
-        number = int(self.name.removeprefix("sm_"))
-        return divmod(number, 10)
-
-    @property
-    def triton_target(self) -> tuple[str, int | str, int]:
-        """Arguments of ``triton.backends.compiler.GPUTarget`` for this arch."""
-        if self.vendor == "cuda":
-            major, minor = self.sm
-            return ("cuda", major * 10 + minor, self.warp_size)
-        return ("hip", self.name, self.warp_size)
-
-
-# Shared memory per block and warp sizes: CUDA C++ Programming Guide, "Technical Specifications per
-# Compute Capability" (opt-in maximum: 96 KB sm_70, 64 KB sm_75, 163 KB sm_80, 99 KB sm_86/89/120,
-# 227 KB sm_90/100); AMD CDNA2/CDNA3 ISA guides and the ROCm "GPU hardware specifications" table
-# (64 KB LDS per workgroup on gfx90a/gfx942/gfx1100, 160 KB on gfx950).  Registers: 255 per thread on
-# every NVIDIA arch (PTX ISA); 512 VGPRs (256 arch + 256 AccVGPR) on CDNA, 256 on RDNA3 wave32.
-# Dense fp16 TFLOPS: vendor datasheets (flagship part).  Matrix instructions: what Triton 3.x lowers
-# tl.dot to on each target (checked by `python -m dispatchattn aot`).
-ARCHS: dict[str, ArchInfo] = {
-    a.name: a
-    for a in (
-        ArchInfo("sm_70", "cuda", "V100", 96 * 1024, 32, 255, False, "mma.sync", 125),
-        ArchInfo("sm_75", "cuda", "T4", 64 * 1024, 32, 255, False, "mma.sync", 65),
-        ArchInfo("sm_80", "cuda", "A100", 163 * 1024, 32, 255, True, "mma.sync", 312),
-        ArchInfo("sm_86", "cuda", "A10 / RTX 3090", 99 * 1024, 32, 255, True, "mma.sync", 125),
-        ArchInfo("sm_89", "cuda", "L4 / RTX 4090", 99 * 1024, 32, 255, True, "mma.sync", 121),
-        ArchInfo("sm_90", "cuda", "H100", 227 * 1024, 32, 255, True, "wgmma", 989),
-        ArchInfo("sm_100", "cuda", "B200", 227 * 1024, 32, 255, True, "tcgen05", 2250),
-        ArchInfo("sm_120", "cuda", "RTX 5090", 99 * 1024, 32, 255, True, "mma.sync", 209.5),
-        ArchInfo("gfx90a", "rocm", "MI250X", 64 * 1024, 64, 512, True, "mfma", 383),
-        ArchInfo("gfx942", "rocm", "MI300X", 64 * 1024, 64, 512, True, "mfma", 1307),
-        ArchInfo("gfx950", "rocm", "MI355X", 160 * 1024, 64, 512, True, "mfma", 2500),
-        ArchInfo("gfx1100", "rocm", "RX 7900 XTX", 64 * 1024, 32, 256, True, "wmma", 123),
-    )
-}
-
-# The targets the ahead-of-time checks and shipped defaults cover (sm_70/sm_75 predate Triton's
-# fp16 tensor-core attention paths that we ship configs for).
-AOT_TARGETS: tuple[str, ...] = (
-    "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "gfx90a", "gfx942", "gfx950", "gfx1100",
-)
+from .vendor_tables import ARCHS, ArchInfo
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | aot | bench | tune | selftest | rankings."""
+"""``python -m dispatchattn`` / ``dispatchattn``: info | explain | matrix | bench | aot | tune | selftest | defaults |
+measured-space | rankings."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ DTYPES = {
 
 # Subcommands implemented next to the code they drive: name -> (module, add-parser fn, run fn).
 _EXTERNAL = {
-    "aot": ("dispatchattn.backends.triton_flex.aot", "add_aot_parser", "run_aot"),
+    "aot": ("dispatchattn.tools.aot_report", "add_aot_parser", "run_aot"),
     "tune": ("dispatchattn.tools.tune_backends", "add_tune_parser", "run_tune"),
     "rankings": ("dispatchattn.tools.shipped_rankings", "add_parser", "run"),
     "selftest": ("dispatchattn.tools.selftest", "add_selftest_parser", "run_selftest"),
+    "defaults": ("dispatchattn.tools.defaults", "add_defaults_parser", "run_defaults"),
+    "measured-space": ("dispatchattn.tools.measured_space", "add_measured_space_parser", "run_measured_space"),
 }
 
 
@@ -161,11 +164,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    try:
-        from .matrix import render_matrix
-    except ImportError as exc:
-        print(f"the backend matrix is not available in this build: {exc}", file=sys.stderr)
-        return 1
+    from .matrix import render_matrix
+
     print(render_matrix(fmt=args.format))
     return 0
 

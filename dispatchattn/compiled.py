@@ -24,7 +24,7 @@ from torch import Tensor  # traced code reads these names, not ``torch``: fewer 
 from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from . import capabilities, failures
-from . import explain as _explain
+from . import explain_log as _explain
 from .backends import get_backend
 from .backends.base import AttentionCall, random_call
 from .capabilities import pretended as _caps_override  # the list itself: pushed and popped in place

@@ -12,12 +12,13 @@ from packaging.version import Version
 
 from .backends.flash import FlashBackend, impl_reasons, structure_reasons
 from .backends.xformers import XformersBackend, bias_kind, op_problems
-from .capabilities import ARCHS, DeviceCaps, Libraries
+from .capabilities import DeviceCaps, Libraries
 from .mask_plan import mask_plan
 from .masks import causal, sliding_window
 from .scores import alibi, softcap
 from .spec import AttentionSpec
 from .vendor_tables import (
+    ARCHS,
     FLASH_FEATURES,
     FLASH_HEAD_DIM_RULES,
     FLASH_IMPLS,

@@ -14,9 +14,9 @@ import pytest
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from dispatchattn.backends.triton_flex import aot, aot_cache, aot_compile  # noqa: E402
-from dispatchattn.capabilities import ARCHS  # noqa: E402
+from dispatchattn.tools import aot, aot_cache, aot_compile  # noqa: E402
 from dispatchattn.tuning.config import TileConfig  # noqa: E402
+from dispatchattn.vendor_tables import ARCHS  # noqa: E402
 
 
 @triton.jit

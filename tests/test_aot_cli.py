@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("triton")
 
-from dispatchattn.backends.triton_flex import aot, aot_report  # noqa: E402
+from dispatchattn.tools import aot_report  # noqa: E402
 
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    aot.add_aot_parser(parser.add_subparsers(dest="command"))
+    aot_report.add_aot_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["aot", *argv])
 
 
@@ -37,7 +37,7 @@ def test_unknown_variant_names_the_known_ones():
 
 def test_json_output_and_check_exit_status(capsys):
     args = _parse("--target", "sm_90", "--kernel", "bwd_preprocess", "--json", "--check")
-    status = aot.run_aot(args)
+    status = aot_report.run_aot(args)
     records = json.loads(capsys.readouterr().out)
     assert [(r["kernel"], r["target"], r["dtype"]) for r in records] == [("bwd_preprocess", "sm_90", "bf16")]
     assert status == (0 if records[0]["fits"] else 1)
@@ -46,7 +46,7 @@ def test_json_output_and_check_exit_status(capsys):
 
 def test_forced_config_is_compiled_as_given(capsys):
     args = _parse("--target", "gfx942", "--kernel", "fwd", "--config", "32,32,4,1")
-    assert aot.run_aot(args) == 0
+    assert aot_report.run_aot(args) == 0
     table = capsys.readouterr().out
     assert "gfx942" in table and "32x32 w4 s1" in table and " fwd " in table
 
@@ -54,7 +54,7 @@ def test_forced_config_is_compiled_as_given(capsys):
 def test_backward_pre_pass_always_compiles_with_its_own_config(capsys):
     """The pre-pass (a row reduction) runs with kernels.PREPROCESS_CONFIG whatever the backward's tiles."""
     args = _parse("--target", "sm_80", "--kernel", "bwd_preprocess", "--dtype", "fp16", "--config", "64,64,8,2")
-    assert aot.run_aot(args) == 0
+    assert aot_report.run_aot(args) == 0
     table = capsys.readouterr().out
     assert "32x64 w4 s1" in table and "64x64 w8" not in table
 
@@ -83,7 +83,7 @@ def test_decoding_kernels_are_compiled_with_their_shipped_config(capsys):
     """``--kernel decode,decode_reduce``: the decoding kernel on its 64-row wgmma tile, the reduction (no dot) with
     its own 4-warp, one-stage config (shared by every test: cached after the first compile)."""
     args = _parse("--target", "sm_90", "--kernel", "decode,decode_reduce", "--json", "--check")
-    status = aot.run_aot(args)
+    status = aot_report.run_aot(args)
     records = {r["kernel"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(records) == {"decode", "decode_reduce"} and status == 0
     assert records["decode"]["matrix_instr"] == "wgmma" and records["decode"]["config"]["block_m"] == 64

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from dispatchattn.backends.triton_flex import aot, aot_cache, aot_report  # noqa: E402
+from dispatchattn.tools import aot, aot_cache, aot_report  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "aot_resources.md"
 HEADER = re.compile(r"<!-- aot-report shipped-defaults-sha256=(?P<digest>[0-9a-f]{64}) triton=(?P<triton>\S+) -->")

@@ -21,12 +21,13 @@ from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 
-from dispatchattn.backends.triton_flex import aot, aot_cache, aot_report  # noqa: E402
 from dispatchattn.backends.triton_flex.backend import TritonFlexBackend, decoding, spill_refusals  # noqa: E402
-from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps  # noqa: E402
+from dispatchattn.capabilities import DeviceCaps  # noqa: E402
 from dispatchattn.spec import AttentionSpec  # noqa: E402
+from dispatchattn.tools import aot, aot_cache, aot_report, compile_check, defaults  # noqa: E402
 from dispatchattn.tuning import shipped  # noqa: E402
 from dispatchattn.tuning.config import TileConfig  # noqa: E402
+from dispatchattn.vendor_tables import AOT_TARGETS, ARCHS  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")
 #: Launches that do not read the mods: compiled for the plain variant only.
@@ -314,9 +315,7 @@ CHECKED_WITH_BOTH_TRITONS = ("sm_90",)
 @pytest.mark.parametrize("target", CHECKED_WITH_BOTH_TRITONS)
 def test_compile_check_covers_the_catalogue_variants(target):
     """The shipped tiles were checked with every variant the tests compile, under Triton 3.6 and 3.9."""
-    from dispatchattn.tuning import verify
-
-    assert tuple(aot_report.CHECKED_VARIANTS) == verify.ALL_VARIANTS
+    assert tuple(aot_report.CHECKED_VARIANTS) == compile_check.ALL_VARIANTS
     checked = shipped.load_target(target)["produced"]["checked_by_dtype"]
     for dtype in ("bfloat16", "float16"):
         assert checked[dtype]["variants"] == list(aot_report.CHECKED_VARIANTS), (target, dtype)
@@ -343,8 +342,6 @@ def _fake_variant_round(calls: list):
     32x32, and the backward's dK/dV at D=128 spills with alibi on every tile (4 VGPRs with 8 warps, else 9)."""
     from types import SimpleNamespace
 
-    from dispatchattn.tuning import verify
-
     def fake_round(pending, target, workers, variants=("plain",)):
         calls.append(tuple(variants))
         reasons, records = {}, {}
@@ -352,7 +349,7 @@ def _fake_variant_round(calls: list):
             area = config.block_m * config.block_n
             owner_reasons, owner_records = [], []
             for variant in variants:
-                for launch in verify.LAUNCHES[kernel]:
+                for launch in compile_check.LAUNCHES[kernel]:
                     spilled = 3 if area > 64 * 64 or (variant == "relative_bias" and area > 32 * 32) else 0
                     if (kernel, head_dim, variant, launch) == ("bwd", 128, "alibi", "bwd_dkdv"):
                         spilled = 4 if config.num_warps == 8 else 9
@@ -370,23 +367,21 @@ def _fake_variant_round(calls: list):
 def test_compile_check_picks_tiles_that_fit_every_variant(monkeypatch):
     """A tile must fit with every variant: relative_bias pushes the forward from 64x64 down to 32x32; where one
     variant spills on every tile but the plain kernels fit, the least-spilling tile ships with its spills named."""
-    from dispatchattn.tuning import verify
-
     calls: list = []
-    monkeypatch.setattr(verify, "_compile_round", _fake_variant_round(calls))
+    monkeypatch.setattr(compile_check, "_compile_round", _fake_variant_round(calls))
     plain_only = shipped.heuristic_document("gfx1100")
-    verify.verify_document(plain_only, "gfx1100")
+    compile_check.verify_document(plain_only, "gfx1100")
     document = shipped.heuristic_document("gfx1100")
-    log = verify.verify_document(document, "gfx1100", variants=verify.ALL_VARIANTS)
-    verify.copy_checked(document)
-    assert set(calls) == {("plain",), verify.ALL_VARIANTS}
+    log = compile_check.verify_document(document, "gfx1100", variants=compile_check.ALL_VARIANTS)
+    compile_check.copy_checked(document)
+    assert set(calls) == {("plain",), compile_check.ALL_VARIANTS}
     plain_fwd = TileConfig.from_dict(plain_only["tile_configs"]["fwd bfloat16 d128/128"]["config"])
     assert plain_fwd.block_m * plain_fwd.block_n == 64 * 64
     for dtype in ("bfloat16", "float16"):
         fwd = document["tile_configs"][f"fwd {dtype} d128/128"]
         config = TileConfig.from_dict(fwd["config"])
         assert config.block_m * config.block_n <= 32 * 32 and "variant_spills" not in fwd
-        assert f"{len(verify.ALL_VARIANTS)} variants" in fwd["checked"] and "no spills" in fwd["checked"]
+        assert f"{len(compile_check.ALL_VARIANTS)} variants" in fwd["checked"] and "no spills" in fwd["checked"]
         bwd = document["tile_configs"][f"bwd {dtype} d128/128"]
         config = TileConfig.from_dict(bwd["config"])
         assert config.num_warps == 8 and config.block_m * config.block_n <= 32 * 32
@@ -400,38 +395,35 @@ def test_compile_check_picks_tiles_that_fit_every_variant(monkeypatch):
 def test_compile_check_keeps_the_previously_shipped_tile_where_it_still_fits(monkeypatch):
     """A seed (the tile the file shipped before, some found by hand) is tried in the first round with the
     heuristic's: where the heuristic's spills and the seed fits every variant, the seed ships, unshrunk."""
-    from dispatchattn.tuning import verify
-
-    monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
+    monkeypatch.setattr(compile_check, "_compile_round", _fake_variant_round([]))
     document = shipped.heuristic_document("gfx1100")
     heuristic = TileConfig.from_dict(document["tile_configs"]["fwd bfloat16 d64/64"]["config"])
     assert heuristic.block_m * heuristic.block_n > 32 * 32  # spills with relative_bias in the fake
     seed = TileConfig(16, 64, num_warps=2, num_stages=1)
-    verify.verify_document(document, "gfx1100", variants=verify.ALL_VARIANTS, seeds={"fwd bfloat16 d64/64": seed})
+    compile_check.verify_document(document, "gfx1100", variants=compile_check.ALL_VARIANTS,
+                                  seeds={"fwd bfloat16 d64/64": seed})
     assert TileConfig.from_dict(document["tile_configs"]["fwd bfloat16 d64/64"]["config"]) == seed
     unseeded = shipped.heuristic_document("gfx1100")
-    verify.verify_document(unseeded, "gfx1100", variants=verify.ALL_VARIANTS)
+    compile_check.verify_document(unseeded, "gfx1100", variants=compile_check.ALL_VARIANTS)
     assert TileConfig.from_dict(unseeded["tile_configs"]["fwd bfloat16 d64/64"]["config"]) != seed
 
 
 def test_compile_check_searches_best_first_and_never_compiles_a_config_twice(monkeypatch):
     """A seed that passes gives way to a larger config that passes too (the search goes on while something
     preferred is queued), and no (entry, config) is compiled twice."""
-    from dispatchattn.tuning import verify
-
     fake, compiled = _fake_variant_round([]), []
 
     def counting_round(pending, target, workers, variants=("plain",)):
         compiled.extend(pending)
         return fake(pending, target, workers, variants)
 
-    monkeypatch.setattr(verify, "_compile_round", counting_round)
+    monkeypatch.setattr(compile_check, "_compile_round", counting_round)
     document = shipped.heuristic_document("gfx1100")
     name = "fwd bfloat16 d64/64"
     heuristic = TileConfig.from_dict(document["tile_configs"][name]["config"])
     assert heuristic.block_m * heuristic.block_n > 64 * 64  # the plain kernels spill with it in the fake
     seed = TileConfig(16, 16, num_warps=4, num_stages=1)
-    verify.verify_document(document, "gfx1100", seeds={name: seed})
+    compile_check.verify_document(document, "gfx1100", seeds={name: seed})
     shipped_config = TileConfig.from_dict(document["tile_configs"][name]["config"])
     assert shipped_config.block_m * shipped_config.block_n == 64 * 64  # the largest tile the fake lets through
     assert len(compiled) == len(set(compiled))
@@ -440,8 +432,6 @@ def test_compile_check_searches_best_first_and_never_compiles_a_config_twice(mon
 def test_compile_check_with_two_tritons_ships_only_what_fits_under_both(monkeypatch):
     """Each round compiles under every interpreter's Triton: a tile one of them rejects does not ship, and the entry
     says which Tritons compiled it."""
-    from dispatchattn.tuning import verify
-
     fake, seen = _fake_variant_round([]), []
 
     def two_tritons(pending, target, workers, variants=("plain",), pythons=(None,)):
@@ -452,10 +442,10 @@ def test_compile_check_with_two_tritons_ships_only_what_fits_under_both(monkeypa
                 owner_reasons[0] = f"fwd needs 300,000 B shared memory > 65,536 B on {target}"
         return reasons, records
 
-    monkeypatch.setattr(verify, "_compile_round", two_tritons)
+    monkeypatch.setattr(compile_check, "_compile_round", two_tritons)
     monkeypatch.setattr(aot_cache, "triton_version", lambda python=None: "3.6.0" if python == "old" else "3.9.0")
     document = shipped.heuristic_document("gfx1100")
-    verify.verify_document(document, "gfx1100", pythons=("old", None))
+    compile_check.verify_document(document, "gfx1100", pythons=("old", None))
     assert set(seen) == {("old", None)}
     fwd = document["tile_configs"]["fwd bfloat16 d128/128"]
     config = TileConfig.from_dict(fwd["config"])
@@ -469,10 +459,8 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
     ``variants_checked`` the variants every dtype was."""
     import json
 
-    from dispatchattn.tuning import verify
-
-    monkeypatch.setattr(verify, "_compile_round", _fake_variant_round([]))
-    shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"])
+    monkeypatch.setattr(compile_check, "_compile_round", _fake_variant_round([]))
+    defaults.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"])
     before = json.loads((tmp_path / "gfx1100.json").read_text())
     assert before["produced"]["dtypes_checked"] == ["bfloat16", "float16"]
     assert not any("checked" in e for n, e in before["tile_configs"].items() if "float32" in n)
@@ -483,8 +471,8 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
         compiled.extend(pending)
         return fake(pending, *args, **kwargs)
 
-    monkeypatch.setattr(verify, "_compile_round", counting_round)
-    shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",))
+    monkeypatch.setattr(compile_check, "_compile_round", counting_round)
+    defaults.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",))
     after = json.loads((tmp_path / "gfx1100.json").read_text())
     assert {name.split()[1] for name, _config in compiled} == {"float32"}
     assert after["produced"]["dtypes_checked"] == ["bfloat16", "float16", "float32"]
@@ -493,17 +481,17 @@ def test_compile_check_of_one_dtype_keeps_the_others_checked_entries(monkeypatch
         if "float32" not in name:
             assert entry == before["tile_configs"][name], name
     by_dtype = after["produced"]["checked_by_dtype"]
-    assert by_dtype["float32"] == by_dtype["bfloat16"] == {"variants": list(verify.ALL_VARIANTS),
+    assert by_dtype["float32"] == by_dtype["bfloat16"] == {"variants": list(compile_check.ALL_VARIANTS),
                                                            "tritons": [aot_cache.triton_version()],
                                                            "aot_format": aot.FORMAT_VERSION}
-    shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",),
-                                     variants=("plain",))
+    defaults.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float32",),
+                                      variants=("plain",))
     plain_fp32 = json.loads((tmp_path / "gfx1100.json").read_text())["produced"]
     assert plain_fp32["checked_by_dtype"]["float32"]["variants"] == ["plain"]
     assert plain_fp32["checked_by_dtype"]["bfloat16"] == by_dtype["bfloat16"]
     assert plain_fp32["variants_checked"] == ["plain"]
     with pytest.raises(ValueError, match="dtypes: expected bfloat16 and/or float32"):
-        shipped.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float16",))
+        defaults.write_heuristic_defaults(tmp_path, compile_check=True, targets=["gfx1100"], dtypes=("float16",))
 
 
 @pytest.mark.parametrize("dtype", sorted({case[4] for case in VARIANT_SPILLS}))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import dispatchattn as da
-from dispatchattn.capabilities import AOT_TARGETS, ARCHS, DeviceCaps
+from dispatchattn.capabilities import DeviceCaps
 from dispatchattn.spec import AttentionSpec
+from dispatchattn.tools import defaults
 from dispatchattn.tuning import (
     TileConfig,
     config_space,
@@ -26,6 +27,7 @@ from dispatchattn.tuning.space import (
     table_config,
     why_config_cannot_launch,
 )
+from dispatchattn.vendor_tables import AOT_TARGETS, ARCHS
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -177,7 +179,8 @@ def test_shipped_defaults_exist_are_honest_and_valid(target):
     assert {"device", "date", "dispatchattn", "triton", "how"} <= set(document["produced"])
     if not document["measured"]:
         assert document["source"] == "heuristic (FlexAttention defaults table), not timed on hardware"
-        assert shipped.same_configs(document, shipped.heuristic_document(target)), "run shipped --write"
+        assert defaults.same_configs(document, shipped.heuristic_document(target)), \
+            "run python -m dispatchattn defaults --write"
     for kernel in ("fwd", "bwd"):
         for dtype in ("float16", "bfloat16"):
             for head_dim in (64, 128):
@@ -203,10 +206,24 @@ def test_shipped_source_sentence():
 def test_write_heuristic_defaults_keeps_measured_files(tmp_path):
     measured = {**shipped.heuristic_document("sm_90"), "measured": True}
     (tmp_path / "sm_90.json").write_text(json.dumps(measured))
-    written = shipped.write_heuristic_defaults(tmp_path)
+    written = defaults.write_heuristic_defaults(tmp_path)
     assert tmp_path / "sm_90.json" not in written and len(written) == len(AOT_TARGETS) - 1
     assert json.loads((tmp_path / "sm_90.json").read_text())["measured"] is True
-    assert shipped.write_heuristic_defaults(tmp_path) == []  # nothing changed
+    assert defaults.write_heuristic_defaults(tmp_path) == []  # nothing changed
+
+
+def test_defaults_command_passes_its_options_on(monkeypatch, capsys):
+    from dispatchattn.cli import main
+
+    calls = []
+    monkeypatch.setattr(defaults, "write_heuristic_defaults", lambda **kwargs: calls.append(kwargs) or [])
+    assert main(["defaults"]) == 2 and "--compile-check" in capsys.readouterr().out  # no --write: the help
+    assert main(["defaults", "--write", "--compile-check", "--targets", "sm_90,gfx1100", "--variants", "plain,causal",
+                 "--triton-python", "self", "--triton-python", "/old/python", "--dtypes", "bfloat16,float32"]) == 0
+    assert calls == [{"force": False, "compile_check": True, "targets": ["sm_90", "gfx1100"],
+                      "variants": ["plain", "causal"], "dtypes": ["bfloat16", "float32"],
+                      "pythons": [None, "/old/python"]}]
+    assert main(["measured-space"]) == 2  # no --write: the help
 
 
 # --- cache key ------------------------------------------------------------------------------------------
@@ -251,13 +268,13 @@ def test_key_fields_and_file_name():
 def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
     from types import SimpleNamespace
 
-    from dispatchattn.tuning import verify
+    from dispatchattn.tools import compile_check
 
     def fake_round(pending, target, workers):
         """Stands in for compiling: anything with BLOCK_N > 32 'spills'."""
         reasons, records = {}, {}
         for (name, config), (kernel, _dtype, _head_dim) in pending.items():
-            launches = verify.LAUNCHES[kernel]
+            launches = compile_check.LAUNCHES[kernel]
             bad = f"{kernel} spills registers on {target}" if config.block_n > 32 else None
             reasons[(name, config)] = [bad] * len(launches)
             records[(name, config)] = [
@@ -266,17 +283,17 @@ def test_compile_check_shrinks_what_the_compiler_rejects(monkeypatch):
             ]
         return reasons, records
 
-    monkeypatch.setattr(verify, "_compile_round", fake_round)
+    monkeypatch.setattr(compile_check, "_compile_round", fake_round)
     document = shipped.heuristic_document("sm_90")
-    verify.verify_document(document, "sm_90")
-    verify.copy_checked(document)
+    compile_check.verify_document(document, "sm_90")
+    compile_check.copy_checked(document)
     for dtype in ("bfloat16", "float16"):
         entry = document["tile_configs"][f"fwd {dtype} d128/128"]
         assert TileConfig.from_dict(entry["config"]) == TileConfig(128, 32, 8, 3)  # the largest passing tile
         assert "fwd 1,024 B shared, 99 registers, no spills" in entry["checked"]
     assert "ahead-of-time compile rejected" in document["tile_configs"]["fwd bfloat16 d128/128"]["note"]
     assert "checked" not in document["tile_configs"]["fwd float32 d128/128"]
-    assert shipped.same_configs(document, shipped.heuristic_document("sm_90"))  # checked entries may differ
+    assert defaults.same_configs(document, shipped.heuristic_document("sm_90"))  # checked entries may differ
 
 
 def test_compile_check_ships_no_config_where_every_config_spills(monkeypatch, tmp_path):
@@ -284,12 +301,12 @@ def test_compile_check_ships_no_config_where_every_config_spills(monkeypatch, tm
     the entry loses its config and records the least-spilling tile; fp16 gets the same; the rest still ship."""
     from types import SimpleNamespace
 
-    from dispatchattn.tuning import verify
+    from dispatchattn.tools import compile_check
 
     def fake_round(pending, target, workers):
         reasons, records = {}, {}
         for (name, config), (kernel, _dtype, head_dim) in pending.items():
-            launches = verify.LAUNCHES[kernel]
+            launches = compile_check.LAUNCHES[kernel]
             spilled = config.block_m * config.block_n // 8 - config.num_warps
             spilled = spilled if kernel == "bwd" and head_dim == 256 else 0
             reasons[(name, config)] = [f"{k} spills registers on {target}" if spilled and k == "bwd_dq" else None
@@ -300,10 +317,10 @@ def test_compile_check_ships_no_config_where_every_config_spills(monkeypatch, tm
             ]
         return reasons, records
 
-    monkeypatch.setattr(verify, "_compile_round", fake_round)
+    monkeypatch.setattr(compile_check, "_compile_round", fake_round)
     document = shipped.heuristic_document("gfx1100")
-    log = verify.verify_document(document, "gfx1100")
-    verify.copy_checked(document)
+    log = compile_check.verify_document(document, "gfx1100")
+    compile_check.copy_checked(document)
     assert any("bwd bfloat16 d256/256: every config spills (least BLOCK_M=16 BLOCK_N=16 warps=16" in line
                for line in log), log
     (tmp_path / "gfx1100.json").write_text(json.dumps(document))

@@ -12,15 +12,16 @@ import itertools
 import pytest
 import torch
 
+from dispatchattn.tools import measured_space as measuring
 from dispatchattn.tuning import measured_space
 from dispatchattn.tuning.config import TileConfig
 from dispatchattn.tuning.space import config_space, estimate_resources
 
 
-@pytest.mark.parametrize("kernel, head_dim", list(itertools.product(measured_space.LAUNCHES, measured_space.HEAD_DIMS)))
+@pytest.mark.parametrize("kernel, head_dim", list(itertools.product(measuring.LAUNCHES, measured_space.HEAD_DIMS)))
 def test_every_candidate_has_a_verdict_and_the_space_is_what_fits(kernel, head_dim):
     verdicts = measured_space.verdicts(kernel, "gfx1100", torch.bfloat16, head_dim)
-    assert set(verdicts) == set(measured_space.candidates(kernel))
+    assert set(verdicts) == set(measuring.candidates(kernel))
     fitting = sorted(config for config, rejected in verdicts.items() if rejected is None)
     for dtype in measured_space.SIXTEEN_BIT:
         assert config_space(kernel, "gfx1100", dtype, head_dim) == fitting
@@ -46,7 +47,7 @@ def test_other_targets_and_fp32_keep_the_estimate():
     assert measured_space.verdicts("fwd", "gfx942", torch.bfloat16, 128) is None
     assert measured_space.verdicts("fwd", "gfx1100", torch.bfloat16, 512) is None  # a head dim not measured
     fp32 = config_space("fwd", "gfx1100", torch.float32, 128)
-    assert fp32 and not set(fp32) <= set(measured_space.candidates("fwd"))  # the ROCm candidates, estimated
+    assert fp32 and not set(fp32) <= set(measuring.candidates("fwd"))  # the ROCm candidates, estimated
     head_dim_96 = config_space("fwd", "gfx1100", torch.float16, 96)  # padded to the measured D=128
     assert head_dim_96 == config_space("fwd", "gfx1100", torch.float16, 128)
 
@@ -54,7 +55,7 @@ def test_other_targets_and_fp32_keep_the_estimate():
 @pytest.mark.slow
 def test_committed_verdicts_are_what_a_fresh_compile_gives():
     pytest.importorskip("triton")
-    fresh = measured_space.measure("gfx1100")
+    fresh = measuring.measure("gfx1100")
     committed = measured_space.load("gfx1100")
-    assert fresh["triton"] == committed["triton"], "regenerate with --write for this Triton version"
+    assert fresh["triton"] == committed["triton"], "regenerate with python -m dispatchattn measured-space --write"
     assert fresh["verdicts"] == committed["verdicts"]

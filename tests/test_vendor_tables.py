@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from dispatchattn.capabilities import ARCHS
 from dispatchattn.matrix import BEGIN, END, render_matrix, splice
 from dispatchattn.vendor_tables import (
+    ARCHS,
     FLASH_FEATURES,
     FLASH_HEAD_DIM_RULES,
     FLASH_IMPLS,

@@ -22,7 +22,7 @@ from ..spec import AttentionSpec
 from . import shipped, store
 from .config import TileConfig
 from .key import TuneKey, make_key, user_cache_path
-from .space import _pow2_at_least, heuristic_config_and_note, why_config_cannot_launch
+from .space import heuristic_config_and_note, pow2_at_least, why_config_cannot_launch
 
 logger = logging.getLogger("dispatchattn")
 
@@ -41,8 +41,8 @@ def interpreter_config(spec: AttentionSpec) -> TileConfig:
     triton_flex (B=1, H=2, S=100, D=64, causal): forward 0.5 s at 64x64, 0.8 s at 32x32, 1.7 s at 16x16.
     """
     return TileConfig(
-        min(INTERPRETER_BLOCK, _pow2_at_least(spec.seq_q)),
-        min(INTERPRETER_BLOCK, _pow2_at_least(spec.seq_kv)),
+        min(INTERPRETER_BLOCK, pow2_at_least(spec.seq_q)),
+        min(INTERPRETER_BLOCK, pow2_at_least(spec.seq_kv)),
         num_warps=4,
         num_stages=1,
     )

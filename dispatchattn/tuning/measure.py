@@ -23,7 +23,7 @@ from ..spec import AttentionSpec
 from . import store
 from .config import TileConfig
 from .key import TuneKey, make_key, user_cache_path
-from .space import _pow2_at_least, config_space, heuristic_config
+from .space import config_space, heuristic_config, pow2_at_least
 
 BenchFn = Callable[[TileConfig], float]
 
@@ -102,7 +102,7 @@ def candidates_for(kernel: str, spec: AttentionSpec, caps: DeviceCaps) -> list[T
     """``config_space`` without tiles larger than the (power-of-two padded) problem; never empty."""
     default = heuristic_config(kernel, caps.arch, spec.dtype, spec.head_dim, spec.head_dim_v)
     space = config_space(kernel, caps, spec.dtype, spec.head_dim, spec.head_dim_v)
-    rows, cols = _pow2_at_least(spec.seq_q), _pow2_at_least(spec.seq_kv)
+    rows, cols = pow2_at_least(spec.seq_q), pow2_at_least(spec.seq_kv)
     if kernel == "bwd":  # the backward kernel walks both ways (BLOCK_M2 = BLOCK_N, BLOCK_N2 = BLOCK_M)
         rows = cols = max(rows, cols)
     useful = [c for c in space if c.block_m <= rows and c.block_n <= cols]

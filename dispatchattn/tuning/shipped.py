@@ -2,35 +2,34 @@
 
 Each file says where its configs came from (``measured``, ``source``, ``produced``: device, date,
 versions, how).  Until a GPU was available to this project every file was generated from the heuristic
-(``python -m dispatchattn.tuning.shipped --write``) and says ``"measured": false``; tuning on a
+(``python -m dispatchattn defaults --write``, ``tools/defaults.py``) and says ``"measured": false``; tuning on a
 GPU with ``python -m dispatchattn tune ... --export-defaults`` replaces entries one by one, each marked
 ``"measured": true`` with its own device, date, versions and speedup.
 
 Entries are keyed by kernel, dtype and head dims rounded up to a power of two (the kernels pad to it).
 
 An entry holds ``config`` (what ships), or, where the ahead-of-time compile found every config tried spilling
-(``--compile-check``, ``verify.py``), no ``config`` but ``no_spill_free_tile``: the least-spilling tile tried and
-what each launch spilled with it.  ``refusal`` reads it; the triton_flex backend then refuses that kernel on that
-target (reason code ``no_spill_free_tile``) rather than run a spilling config.
+(``defaults --compile-check``, ``tools/compile_check.py``), no ``config`` but ``no_spill_free_tile``: the
+least-spilling tile tried and what each launch spilled with it.  ``refusal`` reads it; the triton_flex backend
+then refuses that kernel on that target (reason code ``no_spill_free_tile``) rather than run a spilling config.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import version
-from ..capabilities import AOT_TARGETS, ARCHS, installed_libraries
+from ..capabilities import installed_libraries
+from ..vendor_tables import ARCHS
 from . import store
 from .config import TileConfig
-from .space import KERNELS, _pow2_at_least, heuristic_config_and_note, why_config_invalid
+from .space import KERNELS, heuristic_config_and_note, pow2_at_least, why_config_invalid
 
 DEFAULTS_DIR = Path(__file__).with_name("defaults")
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ SHIPPED_HEAD_DIMS = (64, 128, 256)
 
 def entry_name(kernel: str, dtype_name: str, head_dim: int, head_dim_v: int) -> str:
     """``"fwd float16 d128/128"``: the head dims rounded up to the power of two the kernel pads to."""
-    return f"{kernel} {dtype_name} d{_pow2_at_least(head_dim)}/{_pow2_at_least(head_dim_v)}"
+    return f"{kernel} {dtype_name} d{pow2_at_least(head_dim)}/{pow2_at_least(head_dim_v)}"
 
 
 @functools.cache
@@ -114,7 +113,7 @@ def refusal_message(
     which = ""
     if kernel == "bwd" and len(launches) == 1:
         which = f" ({LAUNCH_WORDS.get(next(iter(launches)), '')})"
-    padded = _pow2_at_least(max(head_dim, head_dim_v))
+    padded = pow2_at_least(max(head_dim, head_dim_v))
     dims = f"head_dim {head_dim}" if head_dim == head_dim_v else f"head_dim {head_dim} / {head_dim_v}"
     if padded != max(head_dim, head_dim_v):
         dims += f" (padded to {padded})"
@@ -203,7 +202,7 @@ def heuristic_document(target: str) -> dict:
             "date": datetime.date.today().isoformat(),
             "dispatchattn": version.__version__,
             "triton": str(installed_libraries().triton),
-            "how": "python -m dispatchattn.tuning.shipped --write",
+            "how": "python -m dispatchattn defaults --write",
         },
     )
     for kernel in KERNELS:
@@ -215,153 +214,3 @@ def heuristic_document(target: str) -> dict:
                 name = entry_name(kernel, str(dtype).removeprefix("torch."), head_dim, head_dim)
                 document["tile_configs"][name] = {"config": config.to_dict(), "note": note}
     return document
-
-
-def same_configs(old: dict, new: dict) -> bool:
-    """Whether ``new`` holds ``old``'s configs (ignoring dates, versions, and ``old``'s entries that an
-    ahead-of-time compile checked and changed)."""
-    if set(old["tile_configs"]) != set(new["tile_configs"]):
-        return False
-    return all(
-        entry["config"] == new["tile_configs"][name]["config"]
-        for name, entry in old["tile_configs"].items()
-        if "checked" not in entry
-    )
-
-
-def _with_float16(dtypes: Iterable[str]) -> set[str]:
-    """The dtypes a compile check of ``dtypes`` settles: float16 takes bfloat16's result."""
-    return {*dtypes, *(["float16"] if "bfloat16" in dtypes else [])}
-
-
-def _checked_by_dtype(old: dict | None, compiled: set[str], variants_checked: list[str],
-                      pythons: Iterable[str | None]) -> dict[str, dict]:
-    """Per checked dtype, what its entries were compiled with: ``variants``, the Triton versions (``tritons``) and the
-    ahead-of-time record format (``aot_format``; 2 and later compile as a launch specialises the arguments).  The
-    ``compiled`` dtypes get this run's; the others what ``old`` recorded (a file from before this record: its
-    ``variants_checked``, the Triton it was produced with, format 1)."""
-    from ..backends.triton_flex import aot, aot_cache
-
-    produced = (old or {}).get("produced", {})
-    earlier = produced.get("checked_by_dtype") or {
-        dtype: {"variants": produced.get("variants_checked", ["plain"]), "tritons": [produced.get("triton", "?")],
-                "aot_format": 1}
-        for dtype in produced.get("dtypes_checked", [])}
-    now = {"variants": variants_checked, "tritons": list(dict.fromkeys(aot_cache.triton_version(p) for p in pythons)),
-           "aot_format": aot.FORMAT_VERSION}
-    found = {dtype: (now if dtype in compiled else earlier.get(dtype)) for dtype in ("bfloat16", "float16", "float32")}
-    return {dtype: record for dtype, record in found.items() if record}
-
-
-def _kept_checked(old: dict | None, dtypes: tuple[str, ...]) -> dict:
-    """The checked entries of ``old`` whose dtype is not recompiled now (``produced["checked_by_dtype"]`` keeps what
-    they were checked with)."""
-    compiled = _with_float16(dtypes)
-    return {name: entry for name, entry in (old or {}).get("tile_configs", {}).items()
-            if name.split()[1] not in compiled and "checked" in entry}
-
-
-def write_heuristic_defaults(
-    directory: Path = DEFAULTS_DIR,
-    force: bool = False,
-    compile_check: bool = False,
-    targets: Iterable[str] = AOT_TARGETS,
-    variants: Iterable[str] | None = None,
-    dtypes: Iterable[str] = ("bfloat16",),
-    pythons: Iterable[str | None] = (None,),
-) -> list[Path]:
-    """(Re)write the unmeasured defaults of each target whose configs changed; measured ones stay.
-
-    ``compile_check``: compile every bf16 entry for its target (``verify.verify_document``), shrink what
-    is rejected, and give fp16 the bf16 result; the file is then rewritten in any case.  ``variants``: the
-    ``aot_report.CHECKED_VARIANTS`` a config must fit with (default: all of them).  ``dtypes``: the dtypes compiled
-    ("bfloat16", whose result float16 takes, and "float32"); the checked entries of a dtype left out keep what the
-    target's file held.  ``pythons``: the interpreters whose Triton compiles (None: this one), so a config ships only
-    if it fits under each (the oldest and newest Triton supported).  The document records, per dtype, the variants,
-    Triton versions and record format its entries were checked with (``produced["checked_by_dtype"]``), every dtype
-    checked (``produced["dtypes_checked"]``) and the variants all of them were checked with
-    (``produced["variants_checked"]``).
-    """
-    dtypes = tuple(dtypes)
-    if compile_check and (not dtypes or set(dtypes) - {"bfloat16", "float32"}):
-        raise ValueError(f"dtypes: expected bfloat16 and/or float32 (float16 takes bfloat16's result), "
-                         f"got {list(dtypes)}")
-    written = []
-    directory.mkdir(parents=True, exist_ok=True)
-    for target in targets:
-        path = directory / f"{target}.json"
-        new = heuristic_document(target)
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old.get("measured"):
-            continue
-        if compile_check:
-            from . import verify
-
-            checked = tuple(verify.ALL_VARIANTS if variants is None else variants)
-            variants_checked = list(dict.fromkeys(("plain", *checked)))
-            kept = _kept_checked(old, dtypes)
-            seeds = {name: TileConfig.from_dict(entry["config"])
-                     for name, entry in (old or {}).get("tile_configs", {}).items() if "config" in entry}
-            for line in verify.verify_document(new, target, dtypes=dtypes, variants=checked, seeds=seeds,
-                                               pythons=pythons):
-                print(line, flush=True)
-            if "bfloat16" in dtypes:
-                verify.copy_checked(new)
-                for line in verify.compile_copied(new, target, variants=checked, pythons=pythons):
-                    print(line, flush=True)
-            new["tile_configs"].update(kept)
-            earlier = (old or {}).get("produced", {}).get("dtypes_checked", []) if kept else []
-            done = _with_float16(dtypes) | set(earlier)
-            new["produced"]["how"] += " --compile-check" + (
-                "" if set(checked) == set(verify.ALL_VARIANTS) else f" --variants {','.join(checked)}")
-            by_dtype = _checked_by_dtype(old if kept else None, _with_float16(dtypes), variants_checked, pythons)
-            new["produced"]["checked_by_dtype"] = by_dtype
-            new["produced"]["variants_checked"] = [v for v in variants_checked  # those every checked dtype had
-                                                   if all(v in record["variants"] for record in by_dtype.values())]
-            new["produced"]["dtypes_checked"] = [d for d in ("bfloat16", "float16", "float32") if d in done]
-        elif old is not None and same_configs(old, new) and not force:
-            continue
-        path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        written.append(path)
-    load_target.cache_clear()
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Regenerate the unmeasured shipped tile-config defaults.")
-    parser.add_argument("--write", action="store_true", help="write defaults/<target>.json per AOT target")
-    parser.add_argument("--force", action="store_true", help="rewrite even when no config changed")
-    parser.add_argument("--compile-check", action="store_true",
-                        help="compile each bf16 config ahead of time for its target; shrink what is rejected")
-    parser.add_argument("--targets", default=",".join(AOT_TARGETS), help="comma-separated targets")
-    parser.add_argument("--variants", default=None,
-                        help="with --compile-check: comma-separated variants a config must fit with (default: all of "
-                             "plain, causal, sliding_window, softcap, alibi, relative_bias, clamped_bias, "
-                             "bucketed_bias; 'plain' is the fastest)")
-    parser.add_argument("--triton-python", action="append", default=None, metavar="PYTHON",
-                        help="with --compile-check: compile with the Triton of this Python interpreter (repeat for "
-                             "several: a config ships only if it fits under each; 'self' is this interpreter; "
-                             "default: this interpreter only)")
-    parser.add_argument("--dtypes", default="bfloat16",
-                        help="with --compile-check: comma-separated dtypes to compile, of bfloat16 (float16 takes its "
-                             "result) and float32 (fp32 dots are IEEE: FMA on NVIDIA and RDNA3, MFMA on CDNA); the "
-                             "others keep the checked entries the file holds (default: bfloat16)")
-    args = parser.parse_args(argv)
-    if not args.write:
-        parser.print_help()
-        return 2
-    targets = [t for t in args.targets.split(",") if t]
-    variants = [v for v in args.variants.split(",") if v] if args.variants else None
-    pythons = [None if p == "self" else p for p in args.triton_python or ["self"]]
-    for path in write_heuristic_defaults(force=args.force, compile_check=args.compile_check, targets=targets,
-                                         variants=variants, dtypes=[d for d in args.dtypes.split(",") if d],
-                                         pythons=pythons):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

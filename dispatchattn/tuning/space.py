@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..capabilities import ARCHS, ArchInfo, DeviceCaps
+from ..capabilities import DeviceCaps
+from ..vendor_tables import ARCHS, ArchInfo
 from . import measured_space
 from .config import TileConfig
 
@@ -46,7 +47,7 @@ class Resources:
     registers: int
 
 
-def _pow2_at_least(value: int, floor: int = MIN_BLOCK) -> int:
+def pow2_at_least(value: int, floor: int = MIN_BLOCK) -> int:
     """The kernels pad head dims to a power of two (at least 16) with masked loads."""
     return max(floor, 1 << (max(int(value), 1) - 1).bit_length())
 
@@ -82,7 +83,7 @@ def estimate_resources(
     (fwd 128x64 8 warps on gfx942: 256 VGPRs and a spill, 112 estimated).  ``python -m dispatchattn aot``
     measures the truth per target; this estimate only prunes before timing.
     """
-    d, dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    d, dv = pow2_at_least(head_dim), pow2_at_least(head_dim_v)
     element = _element_size(dtype)
     row_bytes = (d + dv) * element
     stages = max(config.num_stages, 1)
@@ -252,7 +253,7 @@ def config_space(
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if arch not in ARCHS:
         return []
-    measured = measured_space.verdicts(kernel, arch, dtype, _pow2_at_least(max(head_dim, head_dim_v)))
+    measured = measured_space.verdicts(kernel, arch, dtype, pow2_at_least(max(head_dim, head_dim_v)))
     if measured is not None:  # no estimate predicts spills there: the configs compiled without any
         return sorted(config for config, rejected in measured.items() if rejected is None)
     vendor = ARCHS[arch].vendor
@@ -303,7 +304,7 @@ _DECODE_ROCM = {"half": {64: (64, 1, 4), 128: (64, 1, 4), 256: (32, 1, 4)}, "fp3
 def _decode_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
     info = ARCHS.get(arch)
     precision = "fp32" if dtype == torch.float32 else "half"
-    d = min(_pow2_at_least(head_dim, 64), 256)
+    d = min(pow2_at_least(head_dim, 64), 256)
     rows = decode_rows(arch, dtype)
     if info is None:
         return (rows, 32, 2, 4)
@@ -321,7 +322,7 @@ def _decode_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int,
 def _fwd_row(arch: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
     info = ARCHS.get(arch)
     precision = "fp32" if dtype == torch.float32 else "half"
-    d = _pow2_at_least(head_dim, 64)
+    d = pow2_at_least(head_dim, 64)
     if info is None or d > 256:
         return _FWD_OTHER
     if info.vendor == "rocm":
@@ -358,7 +359,7 @@ def table_config(kernel: str, arch: str, dtype: torch.dtype, head_dim: int) -> T
     return TileConfig(m, n, warps, stages)
 
 
-def _shrink(config: TileConfig, kernel: str, registers_short: bool, measured: bool = False) -> TileConfig | None:
+def shrink(config: TileConfig, kernel: str, registers_short: bool, measured: bool = False) -> TileConfig | None:
     """One step smaller, or None when nothing is left to shrink.
 
     Registers: more warps first.  Shared memory: fewer stages first.  Then a smaller tile (forward:
@@ -388,7 +389,7 @@ def heuristic_config_and_note(
     config, problem = table, why_config_invalid(kernel, table, arch, dtype, head_dim, head_dim_v)
     first_problem = problem
     while problem is not None and arch in ARCHS:
-        smaller = _shrink(config, kernel, registers_short="registers" in problem)
+        smaller = shrink(config, kernel, registers_short="registers" in problem)
         if smaller is None:
             break
         config, problem = smaller, why_config_invalid(kernel, smaller, arch, dtype, head_dim, head_dim_v)

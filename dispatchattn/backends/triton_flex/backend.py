@@ -44,10 +44,8 @@ def spill_refusals(spec: AttentionSpec, caps: DeviceCaps) -> dict[str, Reason]:
     config the user tuned on this device (the user cache) lifts the refusal: it was timed there."""
     if caps.vendor not in ("cuda", "rocm") or not caps.arch:
         return {}
-    try:
-        from ...tuning import lookup, shipped
-    except ImportError:
-        return {}
+    from ...tuning import lookup, shipped
+
     dtype_name = str(spec.dtype).removeprefix("torch.")
     found = {}
     for kernel in ("fwd", "bwd", "decode"):
@@ -168,17 +166,10 @@ class TritonFlexBackend(Backend):
 
     @staticmethod
     def _config(kernel: str, spec: AttentionSpec, caps: DeviceCaps):
-        """``tuning.select_config`` when importable, else ``autograd.heuristic_config``."""
-        try:
-            from ...tuning import select_config
-        except ImportError:
-            select_config = None
-        if select_config is not None:
-            return select_config(kernel, spec, caps)
-        from .autograd import heuristic_config
+        """(config, source) of ``kernel`` for ``spec`` on ``caps``: ``tuning.select_config``."""
+        from ...tuning import select_config
 
-        vendor = caps.vendor if caps.vendor in ("cuda", "rocm") else "cpu"
-        return heuristic_config(kernel, spec.head_dim, spec.dtype, vendor), "heuristic (no autotune cache module)"
+        return select_config(kernel, spec, caps)
 
     def notes(self, spec: AttentionSpec, caps: DeviceCaps) -> list[str]:
         """Generated kernel (hash and file), block sparsity when known from structure, tile configs."""

@@ -1,7 +1,7 @@
 """Checking shipped default configs by compiling the kernels ahead of time for each target (no GPU needed).
 
 The resource estimate in ``space.py`` prunes before timing; it cannot see what Triton really allocates.
-``verify_document`` compiles every entry's config with ``backends.triton_flex.aot`` (each launch of the
+``verify_document`` compiles every entry's config with ``aot.py`` (each launch of the
 kernel: forward, or the backward's dK/dV and dQ), with each of ``variants`` (the plain kernels and, from the
 CLI by default, every ``aot_report.CHECKED_VARIANTS`` mask and score: a config passes only if all fit).  The
 search is best first: each round compiles the ``FRONTIER`` largest configs not yet tried (the heuristic's and the
@@ -14,7 +14,7 @@ still not timed, so ``"measured": false`` stays.
 Where no config tried passes (nor one that only misses the fast matrix instruction) but some compile and
 only spill, the entry ships no config: it gets ``"no_spill_free_tile"`` instead (the least-spilling tile
 tried and what each launch spilled with it), and the triton_flex backend refuses that kernel on that target
-(``shipped.refusal``).  A config whose plain kernels spill is never shipped.  Where the plain kernels fit but
+(``tuning.shipped.refusal``).  A config whose plain kernels spill is never shipped.  Where the plain kernels fit but
 no config tried fits every variant, the config the other variants spill least with ships, and the entry names
 what they spill in ``"variant_spills"`` (the kernel is not refused: a model's own mods are unchecked too).
 """
@@ -26,8 +26,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .config import TileConfig
-from .space import _shrink
+from ..tuning.config import TileConfig
+from ..tuning.space import shrink
+from . import aot, aot_cache, aot_report
 
 LAUNCHES = {"fwd": ("fwd",), "bwd": ("bwd_dkdv", "bwd_dq"), "decode": ("decode", "decode_reduce")}
 MAX_ROUNDS = 6
@@ -102,8 +103,6 @@ def _round(pending: dict, target: str, workers: int, variants: tuple[str, ...], 
 
 def triton_versions(pythons: Iterable[str | None] = (None,)) -> str:
     """``"3.6.0"`` or ``"3.6.0 and 3.9.0"``: the Triton of each interpreter (None: this one)."""
-    from ..backends.triton_flex import aot_cache
-
     return " and ".join(dict.fromkeys(aot_cache.triton_version(p) for p in pythons))
 
 
@@ -123,15 +122,10 @@ ALL_VARIANTS = ("plain", "causal", "sliding_window", "softcap", "alibi", "relati
 @functools.cache
 def _generated(variant: str):
     """The generated mods of a ``CHECKED_VARIANTS`` variant (built once per process)."""
-    from ..backends.triton_flex import aot_report, codegen
-
-    mask, score = aot_report.CHECKED_VARIANTS[variant]
-    return codegen.generate(aot_report._build(score, aot_report.SCORES), aot_report._build(mask, aot_report.MASKS))
+    return aot_report.generate(*aot_report.CHECKED_VARIANTS[variant])
 
 
 def _variant_jobs(pending, target: str, variant: str, mod_free_too: bool):
-    from ..backends.triton_flex import aot, aot_report
-
     jobs, owners = [], []
     for (name, config), (kernel, dtype, head_dim) in pending.items():
         for launch in LAUNCHES[kernel]:
@@ -154,8 +148,6 @@ def _compile_round(
     plain ones (``record.variant`` names each).  Each job is compiled by the Triton of every one of ``pythons``
     (interpreters; None: this one): a config passes only if it fits under all of them.
     """
-    from ..backends.triton_flex import aot
-
     records: dict[tuple[str, TileConfig], list] = {owner: [] for owner in pending}
     jobs, owners = _variant_jobs(pending, target, "plain", mod_free_too=True)
     for python in pythons:
@@ -190,7 +182,7 @@ def _children(config: TileConfig, kernel: str, problem: str) -> list[TileConfig]
     warps often needs fewer registers per thread for the operands Triton keeps live per warp."""
     spills = "spills" in problem
     shorter = replace(config, num_stages=config.num_stages - 1) if config.num_stages > 1 else None
-    smaller = _shrink(config, kernel, registers_short=spills)
+    smaller = shrink(config, kernel, registers_short=spills)
     fewer_warps = replace(config, num_warps=4) if spills and config.num_warps > 4 else None
     return [c for c in dict.fromkeys((shorter, smaller, fewer_warps)) if c is not None]
 

@@ -3,7 +3,7 @@
 A kernel that passes under ``TRITON_INTERPRET=1`` can still fail on hardware: the interpreter ignores
 shared-memory limits, register pressure and matrix-instruction selection.  Here every (kernel, variant,
 tile config, target) is compiled for real with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` on
-this CPU-only machine, and its resources are checked against the limits in ``capabilities.ARCHS``:
+this CPU-only machine, and its resources are checked against the limits in ``vendor_tables.ARCHS``:
 
 >>> import dispatchattn as da
 >>> from dispatchattn.tuning.config import TileConfig
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ...capabilities import ARCHS, ArchInfo
-from ...tuning.config import TileConfig
+from ..tuning.config import TileConfig
+from ..vendor_tables import ARCHS, ArchInfo
 from . import aot_cache
 from .aot_compile import JIT_MARKER, compile_in_workers
 
@@ -292,7 +292,7 @@ def make_job(
     ``generated``: the output of ``codegen.generate(score_mod, mask_mod)`` when the caller has it already.
     ``flags`` go to ``kernels.aot_entry`` (``seq_divisible``, ``write_lse``, ``accumulate``, ...).
     """
-    from . import codegen, decode, kernels
+    from ..backends.triton_flex import codegen, decode, kernels
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -321,39 +321,15 @@ def make_job(
     )
 
 
-def compile_report(
-    kernel: str,
-    config: TileConfig,
-    target: str,
-    dtype: str | torch.dtype = "bf16",
-    head_dim: int = 128,
-    head_dim_v: int | None = None,
-    *,
-    mask_mod=None,
-    score_mod=None,
-    use_cache: bool = True,
-    **flags,
-) -> AotRecord:
-    """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources.
+def compile_report(kernel: str, config: TileConfig, target: str, *args, use_cache: bool = True, **kwargs) -> AotRecord:
+    """Compile one kernel variant with ``config`` for ``target`` (a key of ``ARCHS``) and report its resources;
+    the other arguments are ``make_job``'s (dtype, head dims, mods, flags).
 
     >>> from dispatchattn.tuning.config import TileConfig
     >>> record = compile_report("fwd", TileConfig(128, 64, 8, 3), "sm_90", "bf16", 128)  # doctest: +SKIP
     >>> record.matrix_instr, record.fits  # doctest: +SKIP
     ('wgmma', True)
     """
-    job = make_job(kernel, config, target, dtype, head_dim, head_dim_v, mask_mod=mask_mod, score_mod=score_mod, **flags)
+    job = make_job(kernel, config, target, *args, **kwargs)
     return compile_jobs([job], workers=1, use_cache=use_cache)[0]
 
-
-def add_aot_parser(subparsers):
-    """``python -m dispatchattn aot``: see ``aot_report.add_aot_parser``."""
-    from .aot_report import add_aot_parser as add
-
-    return add(subparsers)
-
-
-def run_aot(args) -> int:
-    """Run ``python -m dispatchattn aot``: see ``aot_report.run_aot``."""
-    from .aot_report import run_aot as run
-
-    return run(args)

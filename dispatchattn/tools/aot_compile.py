@@ -212,7 +212,7 @@ def compile_one(job: dict) -> dict:
 
 def _start_worker(workdir: Path, index: int, python: str | None = None) -> subprocess.Popen:
     worker = Path(__file__).resolve()
-    package_root = str(worker.parents[3])  # the folder holding the dispatchattn package
+    package_root = str(worker.parents[2])  # the folder holding the dispatchattn package
     stderr = open(workdir / f"stderr{index}.txt", "w")  # noqa: SIM115 - closed after the process ends
     argv = [python or sys.executable, str(worker), package_root, str(workdir)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)

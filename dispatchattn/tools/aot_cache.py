@@ -17,9 +17,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ...paths import cache_root
+from ..paths import cache_root
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+#: The triton_flex package: its modules (helpers, codegen) are part of every kernel's source.
+_KERNEL_PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "triton_flex"
 
 
 @functools.cache
@@ -47,11 +48,11 @@ def _digest(path: Path) -> str:
 
 
 def source_hash(kernel_files: list[str]) -> str:
-    """Hash of the kernel's files and of the other modules of this package (helpers, codegen).
+    """Hash of the kernel's files and of the modules of the triton_flex package (helpers, codegen).
 
-    The checker's own modules (``aot*.py``) are left out: ``aot.FORMAT_VERSION`` versions what they record.
+    The checker's own modules (``tools/aot*.py``) are left out: ``aot.FORMAT_VERSION`` versions what they record.
     """
-    package = [p for p in _PACKAGE_DIR.glob("*.py") if not p.name.startswith("aot")]
+    package = list(_KERNEL_PACKAGE_DIR.glob("*.py"))
     files = sorted({*(Path(f).resolve() for f in kernel_files), *package})
     return hashlib.sha256("".join(_digest(p) for p in files).encode()).hexdigest()
 

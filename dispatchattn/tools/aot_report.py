@@ -24,10 +24,11 @@ from collections.abc import Callable
 
 import torch
 
-from ... import masks, scores
-from ...capabilities import AOT_TARGETS, ARCHS
-from ...tuning import shipped, space
-from ...tuning.config import TileConfig
+from .. import masks, scores
+from ..backends.triton_flex import codegen
+from ..tuning import shipped, space
+from ..tuning.config import TileConfig
+from ..vendor_tables import AOT_TARGETS, ARCHS
 from . import aot, aot_cache
 
 _HEADS = 8  # heads of the captured tables of the alibi / relative-bias variants (shapes only matter)
@@ -102,6 +103,12 @@ def _build(mod, table: dict[str, Callable[[], object]]):
     return table[mod]() if isinstance(mod, str) else mod
 
 
+def generate(mask, score):
+    """The generated Triton source of a variant: ``mask`` / ``score`` each a name of ``MASKS`` / ``SCORES``, a
+    user's callable, or None."""
+    return codegen.generate(_build(score, SCORES), _build(mask, MASKS))
+
+
 def load_mod(spec: str):
     """``"package.module:name"`` -> that callable (a user's own score_mod / mask_mod)."""
     module_name, _, attribute = spec.partition(":")
@@ -140,11 +147,9 @@ def plan(
     The backward's preprocess pass and the decoding reduction do not depend on the mods, so they are planned
     for the first variant only.
     """
-    from . import codegen
-
     jobs = []
     for position, (mask, score) in enumerate(variants):
-        generated = codegen.generate(_build(score, SCORES), _build(mask, MASKS))
+        generated = generate(mask, score)
         launches = [(tune, launch) for tune, names in LAUNCHES.items() for launch in names]
         for (tune_kernel, launch), dtype, head_dim, target in itertools.product(launches, dtypes, head_dims, targets):
             if (kernels and launch not in kernels) or (launch in MOD_FREE and position > 0):
