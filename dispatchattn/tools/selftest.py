@@ -11,6 +11,7 @@ any wrong answer or crash.  On CPU it runs at small sizes (``triton_flex`` throu
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -25,6 +26,7 @@ import dispatchattn as da
 
 from ..backends import BACKEND_NAMES
 from ..capabilities import probe
+from ..tuning.rankings import bucket
 
 #: Added to twice the plain-math error: what rounding alone may add (fp32 / 16-bit dtypes).
 FLOOR = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 4e-3}
@@ -202,6 +204,8 @@ def add_selftest_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="one head dim and dtype, short sequences")
     p.add_argument("--seq", type=int, default=None, help="keys per case (default 77 on CPU, 333 on a GPU)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--rankings", action=argparse.BooleanOptionalAction, default=None,
+                   help="then measure the backend rankings of the default grid and store them (default: on a GPU)")
     p.set_defaults(func=run_selftest)
 
 
@@ -226,10 +230,21 @@ def run_selftest(args) -> int:
     counts = {status: sum(r.status == status for r in rows) for status in ("ok", "wrong", "crashed", "skipped")}
     print(f"{counts['ok']} ok, {counts['wrong']} wrong, {counts['crashed']} crashed, {counts['skipped']} skipped "
           f"(not runnable here) in {time.perf_counter() - start:.0f} s")
-    print("backend rankings: not measured (measured dispatch is not built yet)")
+    ranked = []
+    if args.rankings if args.rankings is not None else gpu:
+        from .tune_backends import grid, measure_problems, summary
+
+        problems = list(grid(device))
+        ranked = measure_problems(problems[:4] if args.quick else problems, caps, device)
+        print(summary(ranked))
+    else:
+        print("backend rankings: not measured (--rankings measures the default grid and stores it)")
     if args.json:
         report = {"device": caps.to_dict(), "python": platform.python_version(), "counts": counts,
-                  "rows": [asdict(r) for r in rows]}
+                  "rows": [asdict(r) for r in rows],
+                  "rankings": [{"problem": name, "bucket": bucket(spec), "rule": rule, "times_ms": times,
+                                "failed": failed, "stored": status}
+                               for name, spec, rule, times, failed, status in ranked]}
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
     return 1 if counts["wrong"] or counts["crashed"] else 0

@@ -46,19 +46,25 @@ def run_tune(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    caps = capabilities.probe(device)
+    rows = measure_problems(problems, capabilities.probe(device), device, progress=not args.no_progress)
+    print(summary(rows))
+    return 0 if all(times for _, _, _, times, _, _ in rows) else 1
+
+
+def measure_problems(problems: list[tuple[str, AttentionSpec]], caps, device: torch.device,
+                     progress: bool = True) -> list[tuple]:
+    """Measure and store the ranking of each (name, spec): rows of (name, spec, rule's choice, times in ms,
+    failures, store status)."""
     rows = []
-    bar = tqdm(problems, desc="tune --backends", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(problems, desc="backend rankings", disable=not progress, file=sys.stderr)
     for name, spec in bar:
         rule = _rule_choice(spec, caps)
         eligible = decide(spec, caps, Policy(), may_measure=False).eligible
         times, failed, first = measure(spec, caps, eligible, device,
                                        progress=lambda backend, name=name: bar.set_postfix_str(f"{name}: {backend}"))
-        if times:
-            ranking, status = rankings.record(spec, caps, times, failed, first)
-        rows.append((name, spec, rule, times, failed, status if times else "nothing measured"))
-    print(summary(rows))
-    return 0 if all(times for _, _, _, times, _, _ in rows) else 1
+        status = rankings.record(spec, caps, times, failed, first)[1] if times else "nothing measured"
+        rows.append((name, spec, rule, times, failed, status))
+    return rows
 
 
 def _rule_choice(spec: AttentionSpec, caps) -> str:
