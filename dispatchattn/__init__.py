@@ -10,6 +10,8 @@
 from . import masks, scores
 from .api import attention, explain
 from .selector import Decision, UnsupportedError, use_backends
+from .varlen import varlen_attention
 from .version import __version__
 
-__all__ = ["attention", "explain", "masks", "scores", "use_backends", "UnsupportedError", "Decision", "__version__"]
+__all__ = ["attention", "varlen_attention", "explain", "masks", "scores", "use_backends", "UnsupportedError",
+           "Decision", "__version__"]

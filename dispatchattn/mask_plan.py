@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .masks import Causal, Combined, Document, Full, MaskMod, PrefixLM, SlidingWindow
+from .packed import Packed
 from .spec import AttentionSpec
 
 
@@ -20,12 +21,14 @@ class MaskPlan:
 
     lo: int | None = None
     hi: int | None = None
-    document: Document | None = None
+    document: Document | Packed | None = None  # Packed: hi 0 is causal per sequence, bottom-right
     problem: str | None = None  # why the mask has no band form
 
     def empty_rows(self, seq_q: int, seq_kv: int, device) -> torch.Tensor | None:
         """Bool (Sq,) of query rows that attend no key, or None when there are none (documents always
-        contain their own diagonal, so only the plain band can empty a row)."""
+        contain their own diagonal, so only the plain band and packed sequences can empty a row)."""
+        if isinstance(self.document, Packed):
+            return self.document.empty_rows
         if self.document is not None:
             return None
         first_empty = self.hi is not None and self.hi < 0
@@ -48,6 +51,11 @@ def mask_plan(spec: AttentionSpec) -> MaskPlan:
         return MaskPlan(problem="opaque")
     if isinstance(mask, Combined) and mask.op != "and":
         return MaskPlan(problem=f"the union mask {mask.__name__} is not a band")
+    if isinstance(mask, Packed):  # exactly flash-attn's varlen semantics (causal: bottom-right per sequence)
+        if spec.is_causal:
+            return MaskPlan(problem="packed sequences with is_causal (top-left over the whole packing) have no "
+                            "varlen form")
+        return MaskPlan(None, 0 if mask.causal else None, mask)
     for part in mask.parts() if isinstance(mask, Combined) else [mask]:
         part = part.bind(spec.seq_q, spec.seq_kv)
         if isinstance(part, Full):
@@ -59,6 +67,8 @@ def mask_plan(spec: AttentionSpec) -> MaskPlan:
             hi = part.right if hi is None else min(hi, part.right)
         elif isinstance(part, Document) and doc is None:
             doc = part
+        elif isinstance(part, Packed):
+            return MaskPlan(problem=f"{part.__name__} combined with another mask has no varlen form")
         elif isinstance(part, PrefixLM):
             return MaskPlan(problem=f"{part.__name__} (bidirectional prefix, causal after) is not a band")
         else:

@@ -263,6 +263,9 @@ def _mods_need_grad(mods) -> bool:
     from .scores import Alibi, RelativeBias
 
     for mod in mods:
+        wrapped = getattr(mod, "__wrapped__", None)  # a mod seen through a wrapper (e.g. packed.LocalScore)
+        if wrapped is not None and _mods_need_grad([wrapped]):
+            return True
         if isinstance(mod, Alibi) and mod.slopes.requires_grad:
             return True
         if isinstance(mod, RelativeBias) and mod.table.requires_grad:
@@ -345,3 +348,54 @@ def build_spec(
         return_lse=return_lse,
         mods_need_grad=mods_grad,
     )
+
+
+def check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal) -> None:
+    """The packed-sequence arguments of ``varlen_attention`` that need no tensor values (ranks, cu_seqlens dtype,
+    shape and device, max_seqlen types); q/k/v dtypes, heads, head dims and GQA are checked by ``build_spec`` on the
+    batch-1 view.  ``check_varlen_values`` checks the rest once per cu_seqlens tensor, in eager mode."""
+    _check_flag("is_causal", is_causal)
+    for name, t, dims in (("query", query, "(total_q, Hq, D)"), ("key", key, "(total_k, Hkv, D)"),
+                          ("value", value, "(total_k, Hkv, Dv)")):
+        if not isinstance(t, torch.Tensor):
+            _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 3:
+            _fail(ValueError, name, f"a 3-D packed tensor {dims}", f"shape {tuple(t.shape)}")
+    if value.shape[0] != key.shape[0]:
+        _fail(ValueError, "value", f"total_k = {key.shape[0]} tokens like key", f"{value.shape[0]} tokens")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            _fail(TypeError, name, "an int32 torch.Tensor of shape (B + 1,)", type(cu).__name__)
+        if cu.dtype != torch.int32:
+            _fail(TypeError, name, "dtype torch.int32 (FlashAttention's convention)", cu.dtype)
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            _fail(ValueError, name, "a 1-D tensor of B + 1 >= 2 cumulative lengths", f"shape {tuple(cu.shape)}")
+        if cu.device != query.device:
+            _fail(ValueError, name, f"the device of query ({query.device})", cu.device)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        _fail(ValueError, "cu_seqlens_k", f"{cu_seqlens_q.shape[0]} entries like cu_seqlens_q (B + 1, one sequence "
+              "count for both)", f"{cu_seqlens_k.shape[0]} entries")
+    for name, value_ in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value_, bool) or not isinstance(value_, int):
+            _fail(TypeError, name, "an int (the longest sequence's length)", repr(value_))
+        if value_ < 0:
+            _fail(ValueError, name, "an int >= 0", value_)
+
+
+def check_varlen_values(name: str, cu_values: list[int], total: int) -> None:
+    """``cu_seqlens_{name}`` values (``name`` "q" or "k"): start at 0, non-decreasing, end at the packed length."""
+    argument, tokens = f"cu_seqlens_{name}", "query" if name == "q" else "key"
+    if cu_values[0] != 0:
+        _fail(ValueError, argument, "a first value of 0", cu_values[0])
+    for at, (a, b) in enumerate(zip(cu_values, cu_values[1:])):
+        if b < a:
+            _fail(ValueError, argument, "non-decreasing values (cumulative lengths)", f"{a} then {b} at index {at}")
+    if cu_values[-1] != total:
+        _fail(ValueError, argument, f"a last value equal to the packed length of {tokens} ({total})", cu_values[-1])
+
+
+def check_max_seqlen(name: str, lengths: list[int], max_seqlen: int) -> None:
+    """``max_seqlen_{name}`` covers the longest sequence (flash-attn sizes its grid by it)."""
+    if max(lengths) > max_seqlen:
+        _fail(ValueError, f"max_seqlen_{name}", f">= the longest sequence ({max(lengths)}, from cu_seqlens_{name})",
+              max_seqlen)

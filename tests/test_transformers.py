@@ -166,3 +166,25 @@ def test_packed_sequences_from_position_ids_match():
 def test_the_gpu_tier_llama_recipe_runs_dispatchattn_on_cpu(monkeypatch, caplog):
     """The GPU tier's check (tests/llama.py) on CPU: the layers ran dispatchattn, which said which kernel."""
     assert layers_ran(caplog, monkeypatch, "cpu", torch.float32, tol=1e-5) == ["sdpa"]
+
+
+def test_flash_varlen_kwargs_route_to_varlen_attention(monkeypatch):
+    """Packed sequences with flash-attn's keyword arguments (as DataCollatorWithFlattening makes them) run
+    ``varlen_attention``, and each document equals the document run alone."""
+    from dispatchattn import varlen
+
+    calls = []
+    original = varlen.varlen_attention
+    monkeypatch.setattr(varlen, "varlen_attention", lambda *a, **kw: calls.append(a[3:7]) or original(*a, **kw))
+    ours, oracle = _models("llama")
+    ids = _ids(batch=1, seq=12, seed=4)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    cu_seqlens = torch.tensor([0, 5, 8, 12], dtype=torch.int32)
+    flash_kwargs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=5, max_length_k=5)
+    with torch.no_grad():
+        got = ours(ids, position_ids=position_ids, use_cache=False, **flash_kwargs).logits
+        want = oracle(ids, position_ids=position_ids, use_cache=False).logits
+        alone = oracle(ids[:, 5:8], position_ids=position_ids[:, 5:8], use_cache=False).logits
+    assert len(calls) == 2 and calls[0][0] is cu_seqlens and calls[0][2:] == (5, 5)  # both layers
+    torch.testing.assert_close(got, want, **TOL)  # measured 0 (both reach SDPA with the same mask here)
+    torch.testing.assert_close(got[:, 5:8], alone, atol=3.5e-7, rtol=0.0)  # measured 1.7e-7: a shorter matmul

@@ -28,6 +28,7 @@ from packaging.version import Version
 from .. import envs
 from ..capabilities import DeviceCaps, probe
 from ..mask_plan import MaskPlan, document_runs, mask_plan
+from ..packed import Packed
 from ..scores import Alibi, Softcap
 from ..spec import AttentionSpec
 from ..vendor_tables import FLASH_DETERMINISTIC_MAX_HEAD_DIM, FLASH_HEAD_DIM_RULES, FLASH_IMPLS, FLASH_ORDER, FlashImpl
@@ -120,7 +121,9 @@ class FlashBackend(Backend):
         except RuntimeError:
             return []
         notes = [f"entry point: flash-attn {version} {impl.label}"]
-        if plan.document is not None:
+        if isinstance(plan.document, Packed):
+            notes.append("packed sequences -> flash_attn_varlen_func with the caller's cu_seqlens and max_seqlen")
+        elif plan.document is not None:
             notes.append("document mask -> flash_attn_varlen_func (cu_seqlens computed from document_ids)")
         if spec.return_lse and spec.dropout_p > 0 and impl.key != "fa4":
             notes.append("lse with dropout: flash-attn also returns the (B, H, Sq, Sk) dropout mask it computes")
@@ -189,10 +192,14 @@ def structure_reasons(spec: AttentionSpec, plan: MaskPlan) -> list[Reason]:
                               "(only softcap and alibi do)"))
     if spec.mods_need_grad:
         reasons.append(Reason("mod_grad", "a score_mod tensor requires grad; flash-attn returns no gradient for it"))
-    if plan.document is not None and torch.compiler.is_compiling():
+    packed = isinstance(plan.document, Packed)
+    if packed and torch.compiler.is_compiling():
+        reasons.append(Reason("packed_while_compiling", "packed sequences are not routed to flash_attn_varlen_func "
+                              "inside torch.compile yet (the trace-time launch check has no cu_seqlens values)"))
+    elif plan.document is not None and torch.compiler.is_compiling():
         reasons.append(Reason("document_while_compiling", "document masks need the run lengths of the ids "
                               "(tensor values) for flash_attn_varlen_func, which would break the compiled graph"))
-    if plan.document is not None and spec.seq_q != spec.seq_kv:
+    if plan.document is not None and not packed and spec.seq_q != spec.seq_kv:
         reasons.append(Reason("document_lengths", f"document masks map to flash_attn_varlen_func only when "
                               f"seq_q == seq_kv, got {spec.seq_q} and {spec.seq_kv}"))
     return reasons
@@ -335,7 +342,24 @@ def _call(impl: FlashImpl, fn: str, args: tuple, kwargs: dict, want_lse: bool):
     return result, None
 
 
+def _run_packed(impl, q, k, v, packed: Packed, kwargs: dict, want_lse: bool):
+    """q/k/v (1, total, H, D): one flash_attn_varlen_func call over the caller's cu_seqlens; lse (1, Hq, total_q)."""
+    args = (q[0], k[0], v[0], packed.cu_seqlens_q, packed.cu_seqlens_k, packed.max_seqlen_q, packed.max_seqlen_k)
+    out, lse = _call(impl, "flash_attn_varlen_func", args, kwargs, want_lse)
+    if lse is not None and lse.dim() == 3:  # releases before the (H, total) layout: (B, H, max_seqlen_q)
+        lse = lse[packed.q_seq.long(), :, _local_q(packed)].transpose(0, 1)
+    return out.unsqueeze(0), (lse.unsqueeze(0) if lse is not None else None)
+
+
+def _local_q(packed: Packed) -> torch.Tensor:
+    """Each query's position inside its sequence (from the packing's cu_seqlens)."""
+    return torch.arange(packed.q_seq.shape[0], device=packed.q_seq.device) - \
+        packed.cu_seqlens_q.long()[packed.q_seq.long()]
+
+
 def _run_varlen(impl, q, k, v, plan: MaskPlan, kwargs: dict, want_lse: bool):
+    if isinstance(plan.document, Packed):
+        return _run_packed(impl, q, k, v, plan.document, kwargs, want_lse)
     b, s, hq = q.shape[:3]
     positional = plan.lo is not None or (plan.hi not in (None, 0)) or "alibi_slopes" in kwargs
     cu, max_len, order = document_runs(plan.document.document_ids.to(q.device), b, s, not positional)

@@ -26,6 +26,7 @@ import torch
 from .. import envs
 from ..capabilities import DeviceCaps, probe_device
 from ..mask_plan import MaskPlan, document_runs, mask_plan
+from ..packed import Packed
 from ..scores import Alibi, RelativeBias, Softcap
 from ..spec import AttentionSpec
 from ..vendor_tables import XFORMERS_OPS, XFORMERS_ORDER, XformersOp, xformers_op_runs_on
@@ -85,7 +86,12 @@ class XformersBackend(Backend):
         b, sq, hq = q.shape[:3]
         empty = None
         order = None
-        if kind == _TENSOR:
+        kept = None
+        if isinstance(plan.document, Packed):
+            bias, q, kept = _packed_bias(fmha.attn_bias, plan.document, q)
+            empty = plan.empty_rows(sq, k.shape[1], q.device)
+            empty = empty[None, None, :] if empty is not None else None
+        elif kind == _TENSOR:
             bias, empty = _tensor_bias(call, spec, q)
         elif kind.startswith("BlockDiagonal"):
             bias, q, k, v, order = _block_diagonal(fmha.attn_bias, kind, plan, q, k, v)
@@ -106,7 +112,9 @@ class XformersBackend(Backend):
         out = out.reshape(*out.shape[:2], hq, out.shape[-1])
         if lse is not None:
             lse = lse.reshape(lse.shape[0], hq, -1).float()
-        if kind.startswith("BlockDiagonal"):
+        if isinstance(plan.document, Packed):
+            out, lse = _unpack_packed(out, lse, kept, sq)
+        elif kind.startswith("BlockDiagonal"):
             out, lse = _unpack(out, lse, order, b, sq, hq)
         else:
             lse = lse[:, :, :sq] if lse is not None else None
@@ -131,7 +139,11 @@ def bias_kind(spec: AttentionSpec, plan: MaskPlan) -> tuple[str, Reason | None]:
     needs_tensor = spec.attn_mask is not None or isinstance(score, (Alibi, RelativeBias)) or plan.problem
     if spec.attn_mask is not None and spec.mask is not None:
         return "", Reason("mask_and_attn_mask", "attn_mask together with mask_mod is not translated to xFormers")
-    if plan.document is not None and spec.seq_q != spec.seq_kv:
+    packed = isinstance(plan.document, Packed)
+    if packed and torch.compiler.is_compiling():
+        return "", Reason("packed_while_compiling", "xFormers' BlockDiagonalMask takes the sequence lengths as Python "
+                          "ints (tensor values), which would break the compiled graph")
+    if plan.document is not None and not packed and spec.seq_q != spec.seq_kv:
         return "", Reason("document_lengths", f"document masks need seq_q == seq_kv, got {spec.seq_q} and "
                           f"{spec.seq_kv}")
     kind = None if needs_tensor else _class_for(plan, spec.seq_q, spec.seq_kv)
@@ -147,6 +159,8 @@ def bias_kind(spec: AttentionSpec, plan: MaskPlan) -> tuple[str, Reason | None]:
 
 def _class_for(plan: MaskPlan, sq: int, sk: int) -> str | None:
     lo, hi = plan.lo, plan.hi
+    if isinstance(plan.document, Packed):  # per sequence bottom-right causal, or none
+        return "BlockDiagonalCausalFromBottomRightMask" if hi == 0 else "BlockDiagonalMask"
     if plan.document is not None:
         if lo is None and hi is None:
             return "BlockDiagonalMask"
@@ -262,6 +276,11 @@ def _placeholder_bias(ab, kind: str, spec: AttentionSpec, device):
         return torch.zeros(1, device=device, dtype=spec.dtype).expand(spec.batch, spec.heads_q, spec.seq_q,
                                                                       spec.seq_kv)
     if kind.startswith("BlockDiagonal"):
+        if kind == "BlockDiagonalCausalFromBottomRightMask":  # packed: one sequence stands for the lengths
+            return ab.BlockDiagonalCausalFromBottomRightMask.from_seqlens([spec.seq_q], [max(spec.seq_q,
+                                                                                             spec.seq_kv)])
+        if kind == "BlockDiagonalMask" and isinstance(spec.mask, Packed):
+            return ab.BlockDiagonalMask.from_seqlens([spec.seq_q], [spec.seq_kv])
         base = ab.BlockDiagonalMask.from_seqlens([spec.seq_q] * spec.batch)
         return {"BlockDiagonalMask": base, "BlockDiagonalCausalMask": base.make_causal()}.get(
             kind, base.make_local_attention(1))
@@ -297,6 +316,35 @@ def _block_diagonal(ab, kind: str, plan: MaskPlan, q, k, v):
     if order is not None:
         packed = [t.index_select(1, order) for t in packed]
     return bias, *packed, order
+
+
+def _packed_bias(ab, packed: Packed, q):
+    """(BlockDiagonal bias over the caller's sequence lengths, q, the query rows kept or None) for q (1, total_q, H, D).
+
+    xFormers' bottom-right causal blocks need ``Lk >= Lq``: the first ``Lq - Lk`` queries of a longer sequence see
+    no key, so those rows are left out of the call (their output is zeros, ``_unpack_packed``)."""
+    lengths_q = (packed.cu_seqlens_q[1:] - packed.cu_seqlens_q[:-1]).tolist()
+    lengths_k = (packed.cu_seqlens_k[1:] - packed.cu_seqlens_k[:-1]).tolist()
+    if not packed.causal:
+        return ab.BlockDiagonalMask.from_seqlens(lengths_q, lengths_k), q, None
+    kept = None
+    if any(lq > lk for lq, lk in zip(lengths_q, lengths_k)):
+        kept = torch.nonzero(~packed.empty_rows).reshape(-1)
+        q = q.index_select(1, kept)
+        lengths_q = [min(lq, lk) for lq, lk in zip(lengths_q, lengths_k)]
+    return ab.BlockDiagonalCausalFromBottomRightMask.from_seqlens(lengths_q, lengths_k), q, kept
+
+
+def _unpack_packed(out, lse, kept, total_q):
+    """(1, total_q, H, Dv) output and (1, H, total_q) lse, with the rows left out of the call (``kept``) as zeros and
+    -inf."""
+    lse = lse[:, :, : out.shape[1]] if lse is not None else None
+    if kept is None:
+        return out, lse
+    out = out.new_zeros(1, total_q, *out.shape[2:]).index_copy(1, kept, out)
+    if lse is not None:
+        lse = lse.new_full((1, lse.shape[1], total_q), float("-inf")).index_copy(2, kept, lse)
+    return out, lse
 
 
 def _unpack(out, lse, order, b, sq, hq):

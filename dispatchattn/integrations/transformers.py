@@ -17,6 +17,10 @@ Translation (exact, or refused):
   module is not causal (encoders) or ``Sq == 1``.
 - ``softcap`` -> ``da.scores.softcap``; ``scaling`` -> ``scale``; ``dropout`` -> ``dropout_p``;
   fewer key/value heads -> ``enable_gqa``.
+- packed sequences with flash-attn's keyword arguments (``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
+  ``max_length_k``, as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` makes them) and one batch row:
+  ``dispatchattn.varlen_attention`` (causal per sequence), unless a sliding window, active dropout or a paged
+  ``block_table`` comes with them (then the mask above, which holds the same boundaries from ``position_ids``).
 - refused with a ``ValueError``: ``output_attentions=True`` (no kernel returns the probabilities), attention
   sinks (``s_aux``/``sinks``), ALiBi or position biases passed as kwargs, a paged cache.
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import api, scores
+from .. import api, scores, varlen
 
 __all__ = ["register", "attention_forward", "DEFAULT_NAME"]
 
@@ -63,6 +67,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     _refuse(kwargs)
     seq_q, seq_kv = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    softcap = kwargs.get("softcap")
+    score_mod = scores.softcap(float(softcap)) if softcap is not None else None
+    dropout_p = dropout if module.training else 0.0
+    if _packed(query, kwargs, dropout_p):
+        out = varlen.varlen_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), _int32(kwargs["cu_seq_lens_q"]),
+            _int32(kwargs["cu_seq_lens_k"]), kwargs["max_length_q"], kwargs["max_length_k"], is_causal=bool(causal),
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1], score_mod=score_mod)
+        return out.unsqueeze(0), None
     mask_mod = None
     causal_flag = False
     if attention_mask is not None:
@@ -75,14 +88,27 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             from .. import masks
 
             mask_mod = masks.causal(bottom_right=True)
-    softcap = kwargs.get("softcap")
-    score_mod = scores.softcap(float(softcap)) if softcap is not None else None
     out = api.attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
         is_causal=causal_flag, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
         score_mod=score_mod, mask_mod=mask_mod,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed(query: torch.Tensor, kwargs: dict, dropout_p: float) -> bool:
+    """Whether transformers handed packed sequences in flash-attn's varlen form that ``varlen_attention`` computes
+    exactly: one batch row, integer max lengths, no sliding window, no dropout, no paged cache."""
+    varlen_kwargs = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if any(value is None for value in varlen_kwargs) or query.shape[0] != 1:
+        return False
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in varlen_kwargs[2:]):
+        return False
+    return kwargs.get("sliding_window") is None and not dropout_p and kwargs.get("block_table") is None
+
+
+def _int32(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
 
 
 def register(name: str = DEFAULT_NAME) -> str:

@@ -224,7 +224,7 @@ class TritonFlexBackend(Backend):
             mask = Causal() if mask is None else (mask & Causal() if isinstance(mask, MaskMod) else None)
         if mask is None:
             return None if spec.attn_mask is not None or spec.mask is not None else "dense: every tile computed"
-        if not isinstance(mask, MaskMod) or "document" in repr(mask.key):
+        if not isinstance(mask, MaskMod) or mask.captured():  # sparsity from tensor values: not read to decide
             return None
         maybe_any, _ = mask.bind(spec.seq_q, spec.seq_kv).tile_classes(
             config.block_m, config.block_n, spec.seq_q, spec.seq_kv)
