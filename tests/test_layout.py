@@ -123,7 +123,7 @@ LAYERS = [
     ("commands", ["__main__", "cli"]),  # python -m dispatchattn: registers the tools' commands
     ("tools", ["tools"]),  # offline only: AOT report, compile checks, regeneration of shipped data, selftest
     ("front ends", ["integrations", "matrix", "tuning.cli"]),  # other libraries' registries, docs matrix, tune
-    ("api", ["", "api", "compiled", "fallback"]),
+    ("api", ["", "api", "compiled", "fallback", "varlen"]),
     ("deciding", ["decide", "measured"]),  # rankings and failures looked up, select, then config; timing backends
     ("selector", ["selector"]),
     ("backends", ["backends"]),
@@ -131,7 +131,7 @@ LAYERS = [
     ("kernels", [f"backends.triton_flex.{name}" for name in (
         "autograd", "decode", "ladder", "block_mask", "codegen", "emit", "kernels", "decode_kernels")]),
     ("records", ["failures", "tuning.store", "tuning.config"]),
-    ("arguments", ["spec", "mask_plan", "masks", "scores"]),
+    ("arguments", ["spec", "mask_plan", "packed", "masks", "scores"]),
     ("hardware", ["capabilities", "vendor_tables"]),
     ("base", ["envs", "paths", "version", "timing", "explain_log"]),
 ]
