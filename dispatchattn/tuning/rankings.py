@@ -91,6 +91,8 @@ def mod_kind(mod) -> str:
         return f" {'&' if mod.op == 'and' else '|'} ".join(parts)
     if isinstance(mod, (MaskMod, ScoreMod)):
         return mod.kind
+    if hasattr(mod, "__wrapped__"):  # a wrapper (e.g. a mod seen at packed sequences' local positions)
+        return f"{type(mod).__name__}({mod_kind(mod.__wrapped__)})"
     return "fn:" + _fingerprint(mod)
 
 
