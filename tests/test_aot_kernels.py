@@ -309,7 +309,7 @@ def test_variant_spills_are_recorded_exactly():
 
 #: Targets whose shipped bf16/fp16 tiles were checked with every ``CHECKED_VARIANTS`` variant (the gathered tables
 #: included), compiled as a launch specialises its arguments, with the oldest and newest supported Triton.
-CHECKED_WITH_BOTH_TRITONS = ("sm_90",)
+CHECKED_WITH_BOTH_TRITONS = ("sm_80", "sm_90", "gfx942")
 
 
 @pytest.mark.parametrize("target", CHECKED_WITH_BOTH_TRITONS)
