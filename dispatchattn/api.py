@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -170,28 +171,19 @@ if hasattr(torch.compiler, "substitute_in_graph"):
     torch.compiler.substitute_in_graph(attention)(traced_attention)
 
 
-def explain(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    score_mod=None,
-    mask_mod=None,
-    layout: str = "bhsd",
-    return_lse: bool = False,
-    backend: str | None = None,
-) -> Decision:
-    """Decide without running: which backend ``attention`` would use for these arguments, and why.
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> Decision:
+    """Decide without running: which backend ``attention`` would use for these arguments, and why.  Takes exactly
+    ``attention``'s arguments (its signature is ``attention``'s).
 
     >>> import torch, dispatchattn as da
     >>> q = k = v = torch.randn(1, 2, 16, 32)
     >>> da.explain(q, k, v, is_causal=True).backend
     'sdpa'
     """
-    return _decide(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, score_mod, mask_mod,
-                   layout, return_lse, backend)[1]
+    bound = _ATTENTION_SIGNATURE.bind(query, key, value, *args, **kwargs)
+    bound.apply_defaults()
+    return _decide(*bound.arguments.values())[1]
+
+
+_ATTENTION_SIGNATURE = inspect.signature(attention)
+explain.__signature__ = _ATTENTION_SIGNATURE.replace(return_annotation=Decision)

@@ -108,3 +108,13 @@ def needs_dense_mask(spec: AttentionSpec) -> bool:
     mask = spec.mask
     plain_causal = isinstance(mask, Causal) and mask.offset == 0 and spec.attn_mask is None and not spec.is_causal
     return spec.score is not None or (mask is not None and not plain_causal)
+
+
+def restore_order(out: torch.Tensor, lse: torch.Tensor | None, order: torch.Tensor | None, out_dim: int,
+                  lse_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Undo ``document_runs``' reordering of packed tokens (``order``, None when it kept them in place) along the
+    token dimension ``out_dim`` of ``out`` and ``lse_dim`` of ``lse``."""
+    if order is None:
+        return out, lse
+    inverse = torch.argsort(order)
+    return out.index_select(out_dim, inverse), (lse.index_select(lse_dim, inverse) if lse is not None else None)

@@ -27,7 +27,7 @@ from packaging.version import Version
 
 from .. import envs
 from ..capabilities import DeviceCaps, probe
-from ..mask_plan import MaskPlan, document_runs, mask_plan
+from ..mask_plan import MaskPlan, document_runs, mask_plan, restore_order
 from ..packed import Packed
 from ..scores import Alibi, Softcap
 from ..spec import AttentionSpec
@@ -371,10 +371,7 @@ def _run_varlen(impl, q, k, v, plan: MaskPlan, kwargs: dict, want_lse: bool):
         doc = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu[1:] - cu[:-1])
         pos = torch.arange(b * s, device=cu.device) - cu[:-1].long()[doc]
         lse = lse[doc, :, pos].transpose(0, 1)
-    if order is not None:
-        inverse = torch.argsort(order)
-        out = out.index_select(0, inverse)
-        lse = lse.index_select(1, inverse) if lse is not None else None
+    out, lse = restore_order(out, lse, order, 0, 1)
     out = out.reshape(b, s, hq, out.shape[-1])
     if lse is not None:
         lse = lse.reshape(hq, b, s).transpose(0, 1)

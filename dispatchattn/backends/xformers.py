@@ -25,7 +25,7 @@ import torch
 
 from .. import envs
 from ..capabilities import DeviceCaps, probe_device
-from ..mask_plan import MaskPlan, document_runs, mask_plan
+from ..mask_plan import MaskPlan, document_runs, mask_plan, restore_order
 from ..packed import Packed
 from ..scores import Alibi, RelativeBias, Softcap
 from ..spec import AttentionSpec
@@ -348,10 +348,7 @@ def _unpack_packed(out, lse, kept, total_q):
 
 
 def _unpack(out, lse, order, b, sq, hq):
-    if order is not None:
-        inverse = torch.argsort(order)
-        out = out.index_select(1, inverse)
-        lse = lse.index_select(2, inverse) if lse is not None else None
+    out, lse = restore_order(out, lse, order, 1, 2)
     out = out.reshape(b, sq, hq, out.shape[-1])
     if lse is not None:
         lse = lse[:, :, : b * sq].reshape(hq, b, sq).transpose(0, 1)
