@@ -138,7 +138,7 @@ def cmd_info(args) -> int:
     spec = build_spec(q, q, q, is_causal=True)
     print(f"backends, for a causal {spec.summary()} call:")
     for name in BACKEND_NAMES:
-        reasons = get_backend(name).why_not(spec, caps)
+        reasons = get_backend(name).why_not(spec, caps) or get_backend(name).measured_refusals(spec, caps)
         print(f"  {name:<12} " + ("usable" if not reasons else "no: " + "; ".join(reasons)))
     return 0
 

@@ -1,6 +1,7 @@
 """From a call's spec to its Decision, the same for eager calls, compiled calls (at trace time) and fallbacks:
 
-1. the launch failures recorded for this problem on this device (``failures.excluded_backends``);
+1. the launch failures recorded for this problem on this device (``failures.excluded_backends``) and the refusals
+   measured ahead of time (``Backend.measured_refusals``: e.g. triton_flex kernels with no spill-free tile);
 2. the measured ranking of its bucket (``tuning.rankings.lookup``: the user's, else a shipped one), or, under
    ``DISPATCHATTN_AUTOTUNE=1`` in an eager call, a measurement made now (``measured``);
 3. ``selector.select``, a pure function of (spec, caps, policy, ranking, exclude);
@@ -16,6 +17,7 @@ import torch
 
 from . import envs, failures, measured
 from .backends import BACKEND_NAMES, get_backend
+from .backends.base import Reason
 from .capabilities import DeviceCaps
 from .selector import Decision, Policy, select_cached
 from .spec import AttentionSpec
@@ -29,7 +31,7 @@ def decide(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, device: torch.
     ``may_measure``: whether an unmeasured bucket may be measured now (``DISPATCHATTN_AUTOTUNE=1``, eager calls on
     ``device`` only: a compiled call decides while being traced, with the rankings already stored).  ``exclude``:
     (backend, why) pairs that must not run besides the recorded launch failures."""
-    exclude = tuple(exclude) + failures.excluded_backends(spec, caps, BACKEND_NAMES)
+    exclude = tuple(exclude) + failures.excluded_backends(spec, caps, BACKEND_NAMES) + measured_refusals(spec, caps)
     ranking = rankings.lookup(spec, caps) if policy.allowed is None else None
     decision = select_cached(spec, caps, policy, ranking, exclude)
     if (ranking is None and may_measure and device is not None and decision.decided_by == "rule"
@@ -38,6 +40,14 @@ def decide(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, device: torch.
         if ranking is not None:
             decision = select_cached(spec, caps, policy, ranking, exclude)
     return with_config(decision, spec, caps)
+
+
+def measured_refusals(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, Reason], ...]:
+    """(backend, reason) for each backend that measurements on disk rule out for ``spec`` on ``caps``."""
+    found = []
+    for name in BACKEND_NAMES:
+        found += [(name, reason) for reason in get_backend(name).measured_refusals(spec, caps)]
+    return tuple(found)
 
 
 def with_config(decision: Decision, spec: AttentionSpec, caps: DeviceCaps) -> Decision:

@@ -227,11 +227,14 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, ranking: Ranki
     """Decide which backend runs ``spec`` on ``caps`` under ``policy``.  Raises UnsupportedError.
 
     ``ranking``: the measured times of ``spec``'s bucket on this device (``tuning.rankings.lookup``), or None.
-    ``exclude``: (backend, sentence) pairs of backends that must not run, e.g. those recorded as unable to launch
-    this problem on this device (``failures.excluded_backends``).  Both are looked up by the caller: this function
+    ``exclude``: (backend, sentence or Reason) pairs of backends that must not run: those recorded as unable to
+    launch this problem on this device (``failures.excluded_backends``; a sentence), and refusals measured ahead of
+    time (``Backend.measured_refusals``; a Reason).  Both are looked up by the caller: this function
     reads no file and runs nothing.  The tile config is not chosen here (``decide.decide`` adds it)."""
     default_order, rationale = priority(spec, caps)
-    excluded = dict(exclude)
+    excluded: dict[str, list[Reason]] = {}
+    for name, why in exclude:
+        excluded.setdefault(name, []).append(why if isinstance(why, Reason) else Reason("launch_failed", why))
     if policy.allowed:
         order = policy.allowed + tuple(n for n in default_order if n not in policy.allowed)
     else:
@@ -245,7 +248,7 @@ def select(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, ranking: Ranki
             continue
         found = list(get_backend(name).why_not(spec, caps))
         if name in excluded and not found:
-            found = [Reason("launch_failed", excluded[name])]
+            found = list(excluded[name])
         reasons[name] = found
         if not found:
             eligible.append(name)

@@ -244,7 +244,7 @@ def test_kernel_without_a_spill_free_tile_is_refused(target, tune_kernel, dtype,
     refusal = spill_refusals(spec, caps)[tune_kernel]
     assert str(refusal).startswith(REFUSED[target, tune_kernel, head_dim, dtype].format(dtype=dtype_name))
     assert least["tile"] in str(refusal) and "triton_flex is not offered there" in str(refusal)
-    reasons = TritonFlexBackend().why_not(spec, caps)
+    reasons = TritonFlexBackend().measured_refusals(spec, caps)
     forward_refused = (target, "fwd", head_dim, dtype) in REFUSED
     if tune_kernel == "decode":  # a decoding-sized call goes to the forward kernel instead, if that one fits
         assert not decoding(spec, caps) and decoding(spec)
@@ -252,7 +252,7 @@ def test_kernel_without_a_spill_free_tile_is_refused(target, tune_kernel, dtype,
     else:
         assert refusal in reasons
     if tune_kernel == "bwd" and not forward_refused:  # inference on the same shapes keeps the forward kernel
-        assert TritonFlexBackend().why_not(replace(spec, requires_grad=False), caps) == []
+        assert TritonFlexBackend().measured_refusals(replace(spec, requires_grad=False), caps) == []
 
 
 def test_a_config_tuned_on_the_device_lifts_the_refusal(monkeypatch, tmp_path):
@@ -270,15 +270,15 @@ def test_a_config_tuned_on_the_device_lifts_the_refusal(monkeypatch, tmp_path):
     spec = AttentionSpec(batch=1, heads_q=4, heads_kv=4, seq_q=256, seq_kv=256, head_dim=head_dim,
                          head_dim_v=head_dim, dtype=torch.bfloat16, device_type=ARCHS[target].vendor,
                          requires_grad=True)
-    assert [r.code for r in TritonFlexBackend().why_not(spec, caps)] == ["no_spill_free_tile"]
+    assert [r.code for r in TritonFlexBackend().measured_refusals(spec, caps)] == ["no_spill_free_tile"]
     tuned = TileConfig(16, 16, 8, 1)
     key = make_key(tune_kernel, spec, caps)
     store.put(select.user_cache_path(key), key.entry, {"config": tuned.to_dict()}, key.header)
-    assert TritonFlexBackend().why_not(spec, caps) == []
+    assert TritonFlexBackend().measured_refusals(spec, caps) == []
     config, source = select.select_config(tune_kernel, spec, caps)
     assert config == tuned and source.startswith("user cache")
     fp16 = replace(spec, dtype=torch.float16)
-    assert [r.code for r in TritonFlexBackend().why_not(fp16, caps)] == ["no_spill_free_tile"]
+    assert [r.code for r in TritonFlexBackend().measured_refusals(fp16, caps)] == ["no_spill_free_tile"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,11 @@ def _codes(spec, caps=H100):
     return [r.code for r in BACKEND.why_not(spec, caps)]
 
 
+def _refusal_codes(spec, caps=H100):
+    """The refusals read from measurements on disk (shipped compile checks, the user's tuning), not limits."""
+    return [r.code for r in BACKEND.measured_refusals(spec, caps)]
+
+
 def test_runs_mods_on_a_gpu():
     assert BACKEND.why_not(replace(SPEC, score=da.scores.softcap(30.0), requires_grad=True), H100) == []
 
@@ -137,7 +142,7 @@ def test_decoding_falls_back_to_the_forward_kernel_where_only_decoding_spills(mo
 
     _refusing(monkeypatch, "decode bfloat16 d128/128")
     spec = replace(SPEC, seq_q=1, head_dim=128, head_dim_v=128, mask=None)
-    assert BACKEND.why_not(spec, GFX1100) == []
+    assert BACKEND.measured_refusals(spec, GFX1100) == []
     assert decoding(spec) and not decoding(spec, GFX1100) and decoding(spec, H100)
     notes = " ".join(BACKEND.notes(spec, GFX1100))
     assert "the forward kernel runs instead of the decoding kernel: on gfx1100 every decoding tile spills" in notes
@@ -148,19 +153,19 @@ def test_decoding_falls_back_to_the_forward_kernel_where_only_decoding_spills(mo
 def test_only_the_kernels_a_call_launches_are_refused(monkeypatch):
     _refusing(monkeypatch, "fwd bfloat16 d128/128", "decode bfloat16 d128/128", "bwd float16 d128/128")
     bf16 = replace(SPEC, head_dim=128, head_dim_v=128)
-    assert _codes(bf16, GFX1100) == ["no_spill_free_tile"]
-    (reason,) = BACKEND.why_not(bf16, GFX1100)
+    assert _refusal_codes(bf16, GFX1100) == ["no_spill_free_tile"]
+    (reason,) = BACKEND.measured_refusals(bf16, GFX1100)
     assert str(reason) == ("on gfx1100 every forward tile spills at head_dim 128 in bfloat16 (least: 16x16 w8, "
                            "forward 7 VGPRs "
                            "spilled; 30 configs compiled ahead of time with Triton 3.9.0); triton_flex is not "
                            "offered there")
-    assert _codes(replace(bf16, seq_q=1), GFX1100) == ["no_spill_free_tile"] * 2  # decoding, then the forward
+    assert _refusal_codes(replace(bf16, seq_q=1), GFX1100) == ["no_spill_free_tile"] * 2  # decoding, then the forward
     fp16 = replace(bf16, dtype=torch.float16)
-    assert _codes(fp16, GFX1100) == []  # inference: the forward kernel fits in fp16
-    (reason,) = BACKEND.why_not(replace(fp16, requires_grad=True), GFX1100)
+    assert _refusal_codes(fp16, GFX1100) == []  # inference: the forward kernel fits in fp16
+    (reason,) = BACKEND.measured_refusals(replace(fp16, requires_grad=True), GFX1100)
     assert reason.code == "no_spill_free_tile" and "every backward tile spills at head_dim 128 in float16" in reason
     assert "dK/dV 7 VGPRs spilled, dQ 7 VGPRs spilled" in reason
-    assert _codes(replace(bf16, requires_grad=True), H100) == []  # other targets: their own shipped entries
+    assert _refusal_codes(replace(bf16, requires_grad=True), H100) == []  # other targets: their own shipped entries
 
 
 def test_forced_triton_flex_raises_the_spill_reason_and_the_selector_moves_on():

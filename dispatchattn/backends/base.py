@@ -170,6 +170,12 @@ class Backend:
     def _why_not(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
         return []
 
+    def measured_refusals(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        """Reasons this backend cannot run ``spec`` on ``caps`` that come from measurements stored on disk (compile
+        checks shipped with the package, the user's tuning) rather than from its declared limits.  Looked up before
+        selecting (``decide``), like recorded launch failures, so that ``why_not`` and the selector read no file."""
+        return []
+
     def tile_config(self, spec: AttentionSpec, caps: DeviceCaps, kernel: str | None = None) -> tuple[Any, str] | None:
         """(config, where it came from) of ``kernel`` (None: the one a forward call runs) for tunable backends;
         None otherwise."""

@@ -114,13 +114,13 @@ class TritonFlexBackend(Backend):
         unsupported = self._mods_reason(spec)
         if unsupported is not None:
             reasons.append(Reason("mod_unsupported", unsupported))
-        return reasons + self._spill_reasons(spec, caps)
+        return reasons
 
-    @staticmethod
-    def _spill_reasons(spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
-        """Refuse only the kernels this call runs: the forward (or, without gradient and with few query rows, the
-        decoding kernel, falling back to the forward kernel when only decoding spills) and, with a gradient, the
-        backward."""
+    def measured_refusals(self, spec: AttentionSpec, caps: DeviceCaps) -> list[Reason]:
+        """Kernels with no spill-free tile on this GPU (``spill_refusals``, read from the shipped compile checks and
+        the user's tuning).  Refuse only the kernels this call runs: the forward (or, without gradient and with few
+        query rows, the decoding kernel, falling back to the forward kernel when only decoding spills) and, with a
+        gradient, the backward."""
         refused = spill_refusals(spec, caps)
         if not refused:
             return []
