@@ -3,9 +3,9 @@ machines are too noisy for that; the figures come from a quiet run of the script
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
 
@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("overhead")
 
 
 def test_eager_record(overhead):

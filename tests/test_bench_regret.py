@@ -3,22 +3,16 @@ regret (the figures themselves come from a quiet run of the script, not from CI)
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def regret():
-    spec = importlib.util.spec_from_file_location("bench_regret", ROOT / "bench" / "regret.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("regret")
 
 
 def test_a_small_grid_records_times_choices_and_regret(regret, tmp_path, monkeypatch, capsys):
