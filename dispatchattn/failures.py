@@ -20,8 +20,6 @@ decides again with the failure in view and its explanation says so.
 from __future__ import annotations
 
 import datetime
-import functools
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -126,27 +124,12 @@ def key(backend: str, kernel: str, problem: str, config: str | None = None) -> s
     return f"{backend} {kernel} {config or '-'} | {problem}"
 
 
-def _header(caps) -> dict:
-    from .version import __version__
-
-    versions = caps.libraries.describe()
-    versions["dispatchattn"] = __version__
-    return {"device": {"vendor": caps.vendor, "arch": caps.arch or caps.vendor, "name": caps.device_name},
-            "versions": versions}
-
-
 def path_for(caps) -> Path:
     """The failures file of ``caps``'s device: beside its tile-config files (``DISPATCHATTN_CACHE_DIR`` read now)."""
     from .paths import cache_root
+    from .tuning.store import device_file
 
-    return _path_under(cache_root(), caps.arch or caps.vendor, caps.device_name)
-
-
-@functools.lru_cache(maxsize=64)
-def _path_under(root: Path, arch: str, device_name: str) -> Path:
-    """Every launch of the Triton flex kernel looks its config up: the file name is built once per device."""
-    device = re.sub(r"[^a-z0-9_.]+", "-", f"{arch}-{device_name}".lower()).strip("-")
-    return root / "autotune" / (device or "unknown") / FILE_NAME
+    return device_file(cache_root(), caps.arch or caps.vendor, caps.device_name, FILE_NAME)
 
 
 def lookup(caps, record_key: str) -> dict | None:
@@ -165,7 +148,7 @@ def lookup(caps, record_key: str) -> dict | None:
         from .tuning import store
 
         try:
-            loaded = dict(store.load(path, _header(caps), SECTION).entries)
+            loaded = dict(store.load(path, store.device_header(caps), SECTION).entries)
         except Exception:  # noqa: BLE001 - a record we cannot read costs a retry, never the call
             loaded = {}
         with _guard:
@@ -182,7 +165,7 @@ def record(caps, record_key: str, message: str) -> dict:
         path = path_for(caps)
         from .tuning import store
 
-        status = store.put(path, record_key, entry, _header(caps), SECTION)
+        status = store.put(path, record_key, entry, store.device_header(caps), SECTION)
     except Exception as error:  # noqa: BLE001 - an unwritable record costs a retry in the next process only
         path, status = None, f"not written ({type(error).__name__}: {first_line(str(error))})"
     where = str(path)

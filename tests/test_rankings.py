@@ -182,7 +182,7 @@ def test_concurrent_writers_keep_every_ranking(_cache_dir):
         thread.join()
     path = _cache_dir / "autotune" / "cpu-cpu" / "rankings.json"
     assert set(json.loads(path.read_text())[rankings.SECTION]) == {bucket(s) for s in specs}
-    assert store.load(path, rankings.header(CPU), rankings.SECTION).healthy
+    assert store.load(path, store.device_header(CPU), rankings.SECTION).healthy
 
 
 # --- measuring on first use ----------------------------------------------------------------------------------------

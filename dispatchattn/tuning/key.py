@@ -8,7 +8,6 @@ of the key (and of the file name), so an upgrade of Triton or dispatchattn never
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..capabilities import DeviceCaps
 from ..masks import Causal, Full, MaskMod
 from ..paths import cache_root
 from ..spec import AttentionSpec
+from .store import slug
 
 MIN_SEQ_BUCKET = 16
 #: The density of a structured mask is measured on at most this many tiles per side.
@@ -63,15 +63,11 @@ class TuneKey:
     @property
     def file_name(self) -> str:
         """One file per device and versions: ``sm_90-nvidia-h100/triton-3.9.0_dispatchattn-0.1.0.json``."""
-        device = _slug(f"{self.arch}-{self.device_name}")
-        return f"{device}/triton-{_slug(self.triton)}_dispatchattn-{_slug(self.dispatchattn)}.json"
+        device = slug(f"{self.arch}-{self.device_name}")
+        return f"{device}/triton-{slug(self.triton)}_dispatchattn-{slug(self.dispatchattn)}.json"
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9_.]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def seq_bucket(length: int) -> int:

@@ -23,7 +23,6 @@ import datetime
 import functools
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from ..masks import Combined, MaskMod
 from ..paths import cache_root
 from ..scores import ScoreMod
 from ..spec import AttentionSpec
-from ..version import __version__
 from . import store
 from .key import seq_bucket
 
@@ -158,21 +156,9 @@ class Ranking:
             return None
 
 
-def header(caps: DeviceCaps) -> dict:
-    """What a user rankings file is valid for: the device and every library version (an upgrade voids it)."""
-    versions = caps.libraries.describe()
-    versions["dispatchattn"] = __version__
-    return {"device": {"vendor": caps.vendor, "arch": caps.arch or caps.vendor, "name": caps.device_name},
-            "versions": versions}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9_.]+", "-", text.lower()).strip("-") or "unknown"
-
-
 def user_path(caps: DeviceCaps) -> Path:
     """``<cache>/autotune/<arch>-<device>/rankings.json`` (``DISPATCHATTN_CACHE_DIR`` read now)."""
-    return cache_root() / "autotune" / _slug(f"{caps.arch or caps.vendor}-{caps.device_name}") / FILE_NAME
+    return store.device_file(cache_root(), caps.arch or caps.vendor, caps.device_name, FILE_NAME)
 
 
 _loaded: dict[str, dict[str, dict]] = {}  # user file -> its entries as last read
@@ -196,7 +182,7 @@ def _user_entries(caps: DeviceCaps) -> tuple[dict[str, dict], str]:
         loaded = _loaded.get(where)
     if loaded is None:
         try:
-            loaded = dict(store.load(path, header(caps), SECTION).entries)
+            loaded = dict(store.load(path, store.device_header(caps), SECTION).entries)
         except Exception:  # noqa: BLE001 - a file we cannot read costs a re-measure, never the call
             loaded = {}
         with _guard:
@@ -247,7 +233,7 @@ def record(spec: AttentionSpec, caps: DeviceCaps, times_ms: dict[str, float], fa
              "device": caps.device_name, "shape": spec.summary()}
     try:
         path = user_path(caps)
-        status = store.put(path, key, entry, header(caps), SECTION)
+        status = store.put(path, key, entry, store.device_header(caps), SECTION)
         where = str(path)
     except Exception as error:  # noqa: BLE001 - a ranking we cannot keep costs a re-measure next process
         where, status = "", f"not written ({type(error).__name__}: {error})"

@@ -16,8 +16,10 @@ only write the cache start fast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -35,6 +37,29 @@ IN_MEMORY = "results kept in memory for this process"
 # Results that could not be written (unwritable directory, lock timeout), per file path, for this process.
 _memory: dict[str, dict[str, dict]] = {}
 _memory_guard = threading.Lock()
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: lower case, runs of other characters as one ``-`` ("unknown" when empty)."""
+    return re.sub(r"[^a-z0-9_.]+", "-", text.lower()).strip("-") or "unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def device_file(root: Path, arch: str, device_name: str, name: str) -> Path:
+    """``<root>/autotune/<arch>-<device>/<name>``: a per-device file beside the tile configs (built once per device:
+    every triton_flex launch looks its failures up)."""
+    return root / "autotune" / slug(f"{arch}-{device_name}") / name
+
+
+def device_header(caps) -> dict[str, Any]:
+    """What a per-device file (launch failures, backend rankings) is valid for: the device of ``caps`` and every
+    library version, dispatchattn's included (an upgrade makes the file foreign: replaced on the next write)."""
+    from ..version import __version__
+
+    versions = caps.libraries.describe()
+    versions["dispatchattn"] = __version__
+    return {"device": {"vendor": caps.vendor, "arch": caps.arch or caps.vendor, "name": caps.device_name},
+            "versions": versions}
 
 
 @dataclass(frozen=True)
