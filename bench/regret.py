@@ -35,8 +35,10 @@ import torch
 
 import dispatchattn as da
 from dispatchattn import api, capabilities, measured
+from dispatchattn.backends.base import random_call
 from dispatchattn.decide import decide
 from dispatchattn.selector import Policy
+from dispatchattn.timing import sync
 from dispatchattn.tools.tune_backends import grid
 from dispatchattn.tuning import rankings
 
@@ -44,14 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _inputs(spec, device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    make = dict(device=device, dtype=spec.dtype, generator=gen)
-    grad = spec.requires_grad
-    q = torch.randn(spec.batch, spec.heads_q, spec.seq_q, spec.head_dim, **make).requires_grad_(grad)
-    k = torch.randn(spec.batch, spec.heads_kv, spec.seq_kv, spec.head_dim, **make).requires_grad_(grad)
-    v = torch.randn(spec.batch, spec.heads_kv, spec.seq_kv, spec.head_dim_v, **make).requires_grad_(grad)
-    kwargs = dict(is_causal=spec.is_causal, mask_mod=spec.mask, score_mod=spec.score, enable_gqa=spec.enable_gqa)
-    return (q, k, v), kwargs
+    """Random inputs of ``spec``'s shapes, and the ``da.attention`` keywords that make the same call."""
+    torch.manual_seed(0)
+    call = random_call(spec, device, requires_grad=spec.requires_grad)
+    kwargs = dict(is_causal=spec.is_causal, mask_mod=call.mask_mod, score_mod=call.score_mod,
+                  enable_gqa=spec.enable_gqa)
+    return (call.query, call.key, call.value), kwargs
 
 
 def _call(qkv, kwargs, backend, grad):
@@ -62,20 +62,15 @@ def _call(qkv, kwargs, backend, grad):
     return run
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_round_robin(calls: dict, device, rounds: int) -> dict[str, float]:
     """Median ms of each call, sampled in interleaved rounds (drift hits every call alike)."""
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -122,7 +117,7 @@ def bench_problem(name, spec, device, caps, rounds, work: Path, modes) -> dict:
     for fn_name, fn in forced.items():  # first calls (compiles) outside the timed rounds
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         first[fn_name] = time.perf_counter() - start
     times = _time_round_robin(forced, device, rounds)
     fastest = min(times, key=times.get)
