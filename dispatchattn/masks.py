@@ -24,6 +24,16 @@ def _tile_bounds(block: int, seq: int, device: torch.device | None = None) -> tu
     return first, last
 
 
+def structure_hash(obj, parts) -> int:
+    """``hash(parts())`` for a mod hashed by its structure, or the identity hash of an instance whose attributes are
+    not set: torch 2.11's dynamo, before calling an object made inside a compiled region, hashes a stand-in of it
+    built without ``__init__`` (to ask whether it is ``random.random``)."""
+    try:
+        return hash(parts())
+    except AttributeError:
+        return object.__hash__(obj)
+
+
 class MaskMod:
     """Base of the structured masks.  Subclasses define ``__call__``, ``key`` and ``tile_classes``."""
 
@@ -72,7 +82,7 @@ class MaskMod:
         return type(self) is type(other) and self.key == other.key and self._tensor_ids() == other._tensor_ids()
 
     def __hash__(self) -> int:
-        return hash((self.key, self._tensor_ids()))
+        return structure_hash(self, lambda: (self.key, self._tensor_ids()))
 
     def captured(self) -> tuple[torch.Tensor, ...]:
         """The tensors the mask reads (document ids, ...): caches key on their identity and version."""
@@ -358,7 +368,7 @@ class _Pair:
         return type(self) is type(other) and (self.first, self.second) == (other.first, other.second)
 
     def __hash__(self):
-        return hash((type(self), self.first, self.second))
+        return structure_hash(self, lambda: (type(self), self.first, self.second))
 
 
 class BothMasks(_Pair):
@@ -407,7 +417,7 @@ class _DenseLookup:
         return type(self) is type(other) and self.attn_mask is other.attn_mask
 
     def __hash__(self):
-        return id(self.attn_mask)
+        return structure_hash(self, lambda: id(self.attn_mask))
 
 
 class DenseMask(_DenseLookup):

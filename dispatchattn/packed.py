@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import MaskMod
+from .masks import MaskMod, structure_hash
 
 __all__ = ["Packed", "PackedIndex", "LocalMask", "LocalScore", "build_index", "index_for"]
 
@@ -182,7 +182,8 @@ class _Local:
                                                                               other.k_local)))
 
     def __hash__(self):
-        return hash((type(self), self.__wrapped__, id(self.q_seq), id(self.q_local), id(self.k_local)))
+        return structure_hash(self, lambda: (type(self), self.__wrapped__, id(self.q_seq), id(self.q_local),
+                                             id(self.k_local)))
 
 
 class LocalMask(_Local):

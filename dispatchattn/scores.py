@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import structure_hash
+
 __all__ = ["ScoreMod", "softcap", "alibi", "relative_bias"]
 
 
@@ -50,7 +52,7 @@ class ScoreMod:
         return type(self) is type(other) and self.key == other.key and self._tensor_ids() == other._tensor_ids()
 
     def __hash__(self) -> int:
-        return hash((self.key, self._tensor_ids()))
+        return structure_hash(self, lambda: (self.key, self._tensor_ids()))
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:

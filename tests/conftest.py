@@ -19,7 +19,8 @@ pytest_plugins = ["gpu_tier"]
 #: catalogue (the Triton kernel through the interpreter, small sizes), and the version checks.
 COMPAT_FILES = frozenset({"test_compile.py", "test_transformers.py", "test_selector.py", "test_validation.py",
                           "test_catalogue.py", "test_versions.py", "test_launch_failures.py", "test_selftest.py",
-                          "test_triton_flex_codegen.py", "test_triton_flex_captures.py", "test_rankings.py"})
+                          "test_triton_flex_codegen.py", "test_triton_flex_captures.py", "test_rankings.py",
+                          "test_varlen.py"})
 
 
 def pytest_collection_modifyitems(items):

@@ -102,7 +102,8 @@ IN_REGION = {
 @pytest.mark.parametrize("case", sorted(IN_REGION))
 def test_mods_made_inside_the_compiled_region_compile(case, backend):
     """Mods the caller makes inside the region, and ``bind``'s, are objects dynamo creates while tracing: the
-    kernels run the decision's twins instead (torch 2.11's dynamo cannot read such an object's attributes)."""
+    kernels run the decision's twins where they capture no tensor (torch 2.11's dynamo cannot read such an object's
+    attributes), the caller's own objects where they do (``test_mods_capturing_tensors_made_inside_the_region``)."""
     q, k, v = (torch.randn(1, 2, 80, 16, generator=torch.Generator().manual_seed(n)) for n in range(3))
     q = q[:, :, :70]  # torch_flex on CPU: at least 64 positions and head_dim 16
 
@@ -165,3 +166,27 @@ def test_the_interpreter_loops_over_a_count_loaded_from_memory():
                     f"{numpy.__version__} (Triton < 3.7 needs NumPy < 2.4: pip install 'numpy<2.4'): {error}")
     assert int(out) == 3
 
+
+CAPTURING_IN_REGION = {
+    "document": lambda: {"mask_mod": da.masks.document(torch.arange(40) // 10) & da.masks.causal()},
+    "alibi": lambda: {"score_mod": da.scores.alibi(torch.linspace(0.1, 0.9, 2)), "is_causal": True},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CAPTURING_IN_REGION))
+def test_mods_capturing_tensors_made_inside_the_region(case):
+    """A structured mod that captures a tensor, made inside the region: the kernels call the caller's own object,
+    which torch 2.11's dynamo hashes through a stand-in built without ``__init__`` before calling it
+    (``masks.structure_hash``); compared with the same call in float64, outside any region."""
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(n)) for n in range(3))
+
+    def fn(q, k, v):
+        return da.attention(q, k, v, backend="reference", **CAPTURING_IN_REGION[case]())
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(fn, fullgraph=True)(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    want = fn(q.double(), k.double(), v.double())
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
