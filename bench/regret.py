@@ -36,8 +36,8 @@ import torch
 import dispatchattn as da
 from dispatchattn import api, capabilities, measured
 from dispatchattn.backends.base import random_call
-from dispatchattn.decide import decide
-from dispatchattn.selector import Policy
+from dispatchattn.decide import exclusions
+from dispatchattn.selector import Policy, select
 from dispatchattn.timing import sync
 from dispatchattn.tools.tune_backends import grid
 from dispatchattn.tuning import rankings
@@ -104,7 +104,7 @@ def bench_problem(name, spec, device, caps, rounds, work: Path, modes) -> dict:
     qkv, kwargs = _inputs(spec, device)
     grad = spec.requires_grad
     with _Mode(work / "rule", shipped=False):
-        eligible = decide(spec, caps, Policy(), may_measure=False).eligible
+        eligible = select(spec, caps, Policy(), None, exclusions(spec, caps)).eligible
     skipped = [n for n in eligible if measured.skip_reason(n, caps)]
     forced = {n: _call(qkv, kwargs, n, grad) for n in eligible if n not in skipped}
     choice, first = {}, {}

@@ -31,7 +31,7 @@ def decide(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, device: torch.
     ``may_measure``: whether an unmeasured bucket may be measured now (``DISPATCHATTN_AUTOTUNE=1``, eager calls on
     ``device`` only: a compiled call decides while being traced, with the rankings already stored).  ``exclude``:
     (backend, why) pairs that must not run besides the recorded launch failures."""
-    exclude = tuple(exclude) + failures.excluded_backends(spec, caps, BACKEND_NAMES) + measured_refusals(spec, caps)
+    exclude = tuple(exclude) + exclusions(spec, caps)
     ranking = rankings.lookup(spec, caps) if policy.allowed is None else None
     decision = select_cached(spec, caps, policy, ranking, exclude)
     if (ranking is None and may_measure and device is not None and decision.decided_by == "rule"
@@ -42,9 +42,10 @@ def decide(spec: AttentionSpec, caps: DeviceCaps, policy: Policy, device: torch.
     return with_config(decision, spec, caps)
 
 
-def measured_refusals(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, Reason], ...]:
-    """(backend, reason) for each backend that measurements on disk rule out for ``spec`` on ``caps``."""
-    found = []
+def exclusions(spec: AttentionSpec, caps: DeviceCaps) -> tuple[tuple[str, str | Reason], ...]:
+    """(backend, why) for each backend that what is on disk rules out for ``spec`` on ``caps``: recorded launch
+    failures, and refusals measured ahead of time (``Backend.measured_refusals``).  ``select``'s ``exclude``."""
+    found = list(failures.excluded_backends(spec, caps, BACKEND_NAMES))
     for name in BACKEND_NAMES:
         found += [(name, reason) for reason in get_backend(name).measured_refusals(spec, caps)]
     return tuple(found)

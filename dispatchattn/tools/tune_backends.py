@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import capabilities, masks, scores
-from ..decide import decide
+from ..decide import exclusions
 from ..measured import measure
-from ..selector import Policy, select
+from ..selector import Policy, UnsupportedError, select
 from ..spec import AttentionSpec
 from ..tuning import cli as tile_cli
 from ..tuning import rankings
@@ -58,20 +58,17 @@ def measure_problems(problems: list[tuple[str, AttentionSpec]], caps, device: to
     rows = []
     bar = tqdm(problems, desc="backend rankings", disable=not progress, file=sys.stderr)
     for name, spec in bar:
-        rule = _rule_choice(spec, caps)
-        eligible = decide(spec, caps, Policy(), may_measure=False).eligible
+        try:  # the rule's decision: no ranking
+            ruled = select(spec, caps, Policy(), None, exclusions(spec, caps))
+        except UnsupportedError:
+            rows.append((name, spec, "none", {}, {}, "no backend can run it here"))
+            continue
+        rule, eligible = ruled.backend, ruled.eligible
         times, failed, first = measure(spec, caps, eligible, device,
                                        progress=lambda backend, name=name: bar.set_postfix_str(f"{name}: {backend}"))
         status = rankings.record(spec, caps, times, failed, first)[1] if times else "nothing measured"
         rows.append((name, spec, rule, times, failed, status))
     return rows
-
-
-def _rule_choice(spec: AttentionSpec, caps) -> str:
-    try:
-        return select(spec, caps, Policy()).backend
-    except RuntimeError:
-        return "none"
 
 
 def _command_line_spec(args: argparse.Namespace, device: torch.device) -> AttentionSpec:
