@@ -68,6 +68,16 @@ def _oracle(q, k, v, mask_mod, dout=None):
     return out.detach(), lse.detach(), grads
 
 
+def _check_forward_and_backward(q, k, v, out, mask_mod, seed):
+    """``out`` and, after ``out.backward`` of a random ``dout``, the gradients of q, k, v match the float64 oracle."""
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(dout)
+    want, _, grads = _oracle(q, k, v, mask_mod, dout)
+    assert (out.double() - want).abs().max() < ATOL
+    for got, expected in zip((q.grad, k.grad, v.grad), grads):
+        assert (got.double() - expected).abs().max() < ATOL
+
+
 def _failure_file(cache_dir) -> dict:
     (path,) = cache_dir.glob("autotune/*/launch-failures.json")
     return json.loads(path.read_text())["launch_failures"]
@@ -164,12 +174,7 @@ def test_backward_out_of_resources_runs_a_smaller_config(monkeypatch):
     Launches(monkeypatch, lambda kernel, config: kernel == "bwd_dkdv" and config.block_m > 16)
     q, k, v = _inputs(1, grad=True)
     out = da.attention(q, k, v, mask_mod=_row_gap_mask, backend="triton_flex")
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
-    out.backward(dout)
-    want, _, grads = _oracle(q, k, v, _row_gap_mask, dout)
-    assert (out.double() - want).abs().max() < ATOL
-    for got, expected in zip((q.grad, k.grad, v.grad), grads):
-        assert (got.double() - expected).abs().max() < ATOL
+    _check_forward_and_backward(q, k, v, out, _row_gap_mask, 11)
 
 
 def test_compile_error_in_every_forward_config_runs_the_next_allowed_backend(monkeypatch):
@@ -192,12 +197,8 @@ def test_backward_that_cannot_launch_takes_the_gradients_of_the_next_backend(mon
     with da.use_backends("triton_flex", "reference"):
         out = da.attention(q, k, v, mask_mod=_row_gap_mask)
         assert out.grad_fn is not None and da.explain(q, k, v, mask_mod=_row_gap_mask).backend == "triton_flex"
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
-        out.backward(dout)
+        _check_forward_and_backward(q, k, v, out, _row_gap_mask, 12)
         after = da.explain(q, k, v, mask_mod=_row_gap_mask)
-    _, _, grads = _oracle(q, k, v, _row_gap_mask, dout)
-    for got, expected in zip((q.grad, k.grad, v.grad), grads):
-        assert (got.double() - expected).abs().max() < ATOL
     assert after.backend == "reference" and "its backward could not launch" in str(after)
 
 
@@ -301,12 +302,7 @@ def test_a_library_backward_refusal_takes_the_gradients_of_the_next_backend(monk
     q, k, v = _inputs(17, grad=True)
     out = da.attention(q, k, v, is_causal=True)
     assert da.explain(q, k, v, is_causal=True).backend == "sdpa"
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(17))
-    out.backward(dout)
-    want, _, grads = _oracle(q, k, v, lambda b, h, i, j: j <= i, dout)
-    assert (out.double() - want).abs().max() < ATOL
-    for got, expected in zip((q.grad, k.grad, v.grad), grads):
-        assert (got.double() - expected).abs().max() < ATOL
+    _check_forward_and_backward(q, k, v, out, lambda b, h, i, j: j <= i, 17)
     after = da.explain(q, k, v, is_causal=True)
     assert after.backend != "sdpa" and "its backward could not launch" in str(after) and "cuDNN" in str(after)
     with pytest.raises(da.UnsupportedError, match="could not launch"):  # refused at selection from now on
@@ -390,12 +386,7 @@ def test_compiled_config_that_cannot_launch_is_replaced_while_tracing(monkeypatc
     launches = Launches(monkeypatch, lambda kernel, config: kernel in ("fwd", "bwd_dq") and config.block_n > 16)
     q, k, v = _inputs(13, grad=True)
     out = _compiled_call(backend="triton_flex")(q, k, v)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
-    out.backward(dout)
-    want, _, grads = _oracle(q, k, v, _row_gap_mask, dout)
-    assert (out.double() - want).abs().max() < ATOL
-    for got, expected in zip((q.grad, k.grad, v.grad), grads):
-        assert (got.double() - expected).abs().max() < ATOL
+    _check_forward_and_backward(q, k, v, out, _row_gap_mask, 13)
     graph_launches = [(kernel, c.block_n) for kernel, c in launches.seen[-4:]]
     assert graph_launches == [("fwd", 16), ("bwd_preprocess", 64), ("bwd_dkdv", 16), ("bwd_dq", 16)]
 
