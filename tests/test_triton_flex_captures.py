@@ -79,6 +79,21 @@ def _reference(q, k, v, score_mod, mask_mod, scale):
     return out, torch.log(total.squeeze(-1)) + row_max.squeeze(-1)
 
 
+def _errors(q, k, v, out, lse, ref_out, ref_lse, captured, twins, gen) -> dict[str, float]:
+    """Largest error against the float64 oracle of the output, the lse (finite rows) and, for a random ``dout``,
+    the gradients of q, k, v and of the learnable captured tensors (none NaN)."""
+    finite = torch.isfinite(ref_lse)
+    errors = {"out": (out.double() - ref_out).abs().max().item(),
+              "lse": (lse.double() - ref_lse)[finite].abs().max().item()}
+    dout = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v, *(captured[n] for n in LEARNABLE)), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v, *(twins[n] for n in LEARNABLE)), dout.double())
+    for name, got, want in zip(("dq", "dk", "dv", *LEARNABLE), grads, ref_grads):
+        assert not got.isnan().any(), name
+        errors[name] = (got.double() - want).abs().max().item()
+    return errors
+
+
 def _float64_twins(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The captured tensors for the reference: floats as float64 leaves (so their gradients are exact)."""
     return {name: (x.double().requires_grad_(name in LEARNABLE) if x.is_floating_point() else x)
@@ -124,15 +139,7 @@ def _forward_backward_errors(seed: int) -> dict[str, float]:
     twins = _float64_twins(captured)
     ref_out, ref_lse = _reference(q, k, v, *_mods(twins, SQ, SK), SCALE)
     _check_masked_rows(out, lse, ref_lse)
-    finite = torch.isfinite(ref_lse)
-    errors = {"out": (out.double() - ref_out).abs().max().item(),
-              "lse": (lse.double() - ref_lse)[finite].abs().max().item()}
-    dout = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, (q, k, v, *(captured[n] for n in LEARNABLE)), dout)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v, *(twins[n] for n in LEARNABLE)), dout.double())
-    for name, got, want in zip(("dq", "dk", "dv", *LEARNABLE), grads, ref_grads):
-        assert not got.isnan().any(), name
-        errors[name] = (got.double() - want).abs().max().item()
+    errors = _errors(q, k, v, out, lse, ref_out, ref_lse, captured, twins, gen)
     return errors
 
 
@@ -202,14 +209,7 @@ def _op_errors(seed: int, opcheck: bool = False) -> dict[str, float]:
     out, lse = ops.triton_flex_fwd(*args)
     twins = _float64_twins(fresh)
     ref_out, ref_lse = _reference(q, k, v, *_mods(twins, seq, seq), 0.25)
-    finite = torch.isfinite(ref_lse)
-    errors = {"out": (out.double() - ref_out).abs().max().item(),
-              "lse": (lse.double() - ref_lse)[finite].abs().max().item()}
-    dout = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, (q, k, v, *(fresh[n] for n in LEARNABLE)), dout)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v, *(twins[n] for n in LEARNABLE)), dout.double())
-    for name, got, want in zip(("dq", "dk", "dv", *LEARNABLE), grads, ref_grads):
-        errors[name] = (got.double() - want).abs().max().item()
+    errors = _errors(q, k, v, out, lse, ref_out, ref_lse, fresh, twins, gen)
     if opcheck:
         torch.library.opcheck(ops.triton_flex_fwd, args, test_utils=("test_schema", "test_faketensor"))
     return errors
